@@ -1,0 +1,51 @@
+"""`dpop run CONFIG` and `dpop status CONFIG` (also `python -m pipeline ...`)."""
+import argparse
+import sys
+
+from pipeline.config import ConfigError, load_config
+from pipeline.runner import STAGE_NAMES, PlanError, run_stages, stage_states
+
+
+def _stage_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for name in names:
+        if name not in STAGE_NAMES:
+            raise argparse.ArgumentTypeError(f"unknown stage {name!r}; stages are {', '.join(STAGE_NAMES)}")
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dpop", description="DPO-Positive preference training on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the stages in order, skipping those whose output is current")
+    run.add_argument("config", help="YAML config file")
+    run.add_argument("--stages", type=_stage_list, help=f"comma-separated subset of {','.join(STAGE_NAMES)}")
+    run.add_argument("--force", type=_stage_list, default=[], help="rerun these stages even if current")
+    status = sub.add_parser("status", help="show each stage: done, stale or missing")
+    status.add_argument("config", help="YAML config file")
+    for p in (run, status):
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key by its dotted path, e.g. train.beta=0.05")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"dpop: config error: {e}", file=sys.stderr)
+        return 2
+    if args.command == "status":
+        print(f"{'stage':<10} {'state':<8} {'rows':>8}  path")
+        for row in stage_states(cfg):
+            rows = "" if row["rows"] is None else row["rows"]
+            print(f"{row['stage']:<10} {row['state']:<8} {rows:>8}  {row['path']}")
+        return 0
+    try:
+        run_stages(cfg, args.stages, args.force)
+    except PlanError as e:
+        print(f"dpop: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main_exit() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

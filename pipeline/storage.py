@@ -1,0 +1,84 @@
+"""Run storage through pyarrow filesystems, so a local path and an s3:// or gs:// URI take one code path."""
+import json
+import os
+import tempfile
+
+import pyarrow.fs as pafs
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and the path inside it for a local path or an object-store URI."""
+    if "://" not in uri:
+        uri = os.path.abspath(uri)
+    return pafs.FileSystem.from_uri(uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *parts])
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_text(uri: str) -> str | None:
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read().decode()
+    except FileNotFoundError:
+        return None
+
+
+def write_text(uri: str, text: str) -> None:
+    """Write a whole file. On object stores one PUT; locally written beside it and renamed, so readers never see
+    half a file."""
+    fs, path = resolve(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    tmp = path + ".tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(text.encode())
+    fs.move(tmp, path)
+
+
+def read_json(uri: str) -> dict | None:
+    text = read_text(uri)
+    return None if text is None else json.loads(text)
+
+
+def write_json(uri: str, obj) -> None:
+    write_text(uri, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def clear_dir(uri: str) -> None:
+    fs, path = resolve(uri)
+    fs.delete_dir_contents(path, missing_dir_ok=True)
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Copy a local folder's files to `uri` (a no-op copy when both are the same local folder)."""
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def upload_file(local_path: str, uri: str) -> None:
+    fs, path = resolve(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pafs.copy_files(local_path, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def input_signature(uri: str) -> list:
+    """Size and modification time of every file under `uri`: cheap, and changes when the data does."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    else:
+        infos = [info]
+    return sorted([i.path, i.size, i.mtime_ns] for i in infos if i.type == pafs.FileType.File)
+
+
+def local_scratch(prefix: str) -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix=f"dpop-{prefix}-")

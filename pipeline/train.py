@@ -1,0 +1,337 @@
+"""`train` stage: the DPOP policy update on Ray Train (`TorchTrainer`) with FSDP2.
+
+Driver (`train_policy`): reference Parquet -> train/eval Ray Datasets -> TorchTrainer(train_loop) -> curves PNG.
+Each worker (`train_loop`), top to bottom:
+    load the policy -> parallelize (FSDP2) -> AdamW + warm-up/decay -> resume from the latest checkpoint
+    -> per step: micro-batches (chosen and rejected in one forward) -> dpop_loss -> backward, accumulated
+       -> clip, step -> metrics (all-reduced) -> eval / sharded checkpoint when due
+    -> gather the full weights and save the policy in Hugging Face format.
+"""
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+
+
+from pipeline import storage
+from pipeline.config import Config, config_from_dict
+
+TRAIN_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logp", "ref_rejected_logp"]
+# Per-pair statistics summed on every worker, all-reduced, then divided by the pair count.
+STAT_KEYS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+             "logps/chosen", "logps/rejected", "dpop/penalty", "dpop/penalty_active"]
+
+
+def say(message: str) -> None:
+    """Progress from a worker. Ray Train's print patch would echo a plain print twice; this writes it once."""
+    print(f"[dpop] train: {message}", file=sys.__stdout__, flush=True)
+
+
+def parallelize(model, mesh, mixed_precision: bool, activation_checkpointing: bool) -> None:
+    """All parallelism in one place: FSDP2 `fully_shard` on each decoder layer, then on the root.
+
+    Sharding layer by layer lets FSDP2 gather one layer's weights at a time. With `mixed_precision`, compute runs
+    in bf16 while parameters, gradients' reduction and optimizer state stay fp32.
+    """
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if mixed_precision else MixedPrecisionPolicy())
+    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} names no decoder layer class (_no_split_modules); cannot shard it")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def lr_lambda(step: int, warmup_steps: int, max_steps: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate: linear warm-up, then cosine or linear decay to 0, or constant."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 1.0
+
+
+def pair_logps(model, batch: dict, pad_id: int, device):
+    """Policy log-probs of chosen and rejected completions, both in one forward pass."""
+    from pipeline.logprobs import completion_logps, pad_pairs
+
+    prompts = [p.tolist() for p in batch["prompt_ids"]]
+    completions = [c.tolist() for c in batch["chosen_ids"]] + [r.tolist() for r in batch["rejected_ids"]]
+    padded = {k: v.to(device) for k, v in pad_pairs(prompts * 2, completions, pad_id).items()}
+    logps = completion_logps(model, padded)
+    return logps[: len(prompts)], logps[len(prompts):]
+
+
+def dpop_step_stats(model, batch: dict, pad_id: int, device, beta: float, dpop_lambda: float):
+    """Forward one micro-batch; return the per-pair losses (with grad) and the summed statistics of STAT_KEYS."""
+    import torch
+
+    from pipeline.loss import dpop_loss
+
+    policy_chosen, policy_rejected = pair_logps(model, batch, pad_id, device)
+    ref_chosen = torch.as_tensor(batch["ref_chosen_logp"], dtype=torch.float32, device=device)
+    ref_rejected = torch.as_tensor(batch["ref_rejected_logp"], dtype=torch.float32, device=device)
+    out = dpop_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, dpop_lambda)
+    sums = torch.stack([
+        out.losses.detach().sum(),
+        out.chosen_rewards.sum(),
+        out.rejected_rewards.sum(),
+        (out.chosen_rewards > out.rejected_rewards).float().sum(),
+        (out.chosen_rewards - out.rejected_rewards).sum(),
+        policy_chosen.detach().sum(),
+        policy_rejected.detach().sum(),
+        out.penalty.sum(),
+        (out.penalty > 0).float().sum(),
+        torch.tensor(float(len(ref_chosen)), device=device),
+    ])
+    return out.losses, sums
+
+
+def reduce_stats(sums, prefix: str = "") -> dict:
+    """All-reduce the summed statistics over workers and turn them into means per pair."""
+    import torch.distributed as dist
+
+    dist.all_reduce(sums)
+    values = sums.tolist()
+    count = values[-1]
+    return {prefix + key: value / count for key, value in zip(STAT_KEYS, values[:-1])}
+
+
+def endless_batches(shard, batch_size: int, seed: int):
+    """Micro-batches of this worker's shard, epoch after epoch, each epoch in a new order."""
+    epoch = 0
+    while True:
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
+                                        local_shuffle_buffer_size=batch_size * 16, local_shuffle_seed=seed + epoch):
+            yield epoch, batch
+        epoch += 1
+
+
+class MetricsLog:
+    """metrics.jsonl, written whole by rank 0 at every logged step so it is complete on any storage."""
+
+    def __init__(self, uri: str, keep_until_step: int | None):
+        self.uri = uri
+        text = storage.read_text(uri) if keep_until_step else None
+        rows = [json.loads(line) for line in (text or "").splitlines() if line.strip()]
+        self.rows = [r for r in rows if r["step"] <= (keep_until_step or 0)]
+
+    def write(self, row: dict) -> None:
+        self.rows.append(row)
+        storage.write_text(self.uri, "".join(json.dumps(r) + "\n" for r in self.rows))
+
+
+def train_loop(loop_config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                         set_state_dict)
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one INFO line per report call otherwise
+    cfg = config_from_dict(loop_config["config"])
+    out, t = loop_config["out"], cfg.train
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.run.seed)
+
+    # Model: fp32 master weights; bf16 compute on GPU comes from FSDP2's mixed-precision policy.
+    model_path = cfg.model.name_or_path
+    saved_dtype = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code).dtype
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
+                                                 trust_remote_code=cfg.model.trust_remote_code).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model_path,
+                                              trust_remote_code=cfg.model.trust_remote_code)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    mesh = init_device_mesh(device.type, (world,))
+    parallelize(model, mesh, mixed_precision=t.use_gpu, activation_checkpointing=t.activation_checkpointing)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, t.warmup_steps, t.max_steps, t.lr_schedule))
+
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            model_state, optim_state = get_state_dict(model, optimizer)
+            state = {"model": model_state, "optim": optim_state}
+            dcp.load(state, checkpoint_id=folder)
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            with open(os.path.join(folder, "trainer_state.json")) as f:
+                trainer_state = json.load(f)
+        start_step = trainer_state["step"]
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        if rank == 0:
+            say(f"resuming from step {start_step}")
+    metrics_log = MetricsLog(storage.join(out, "metrics.jsonl"), start_step) if rank == 0 else None
+
+    accumulation = t.batch_size // (t.micro_batch_size * world)
+    pairs_per_worker_step = t.batch_size // world
+    batches = endless_batches(ray.train.get_dataset_shard("train"), t.micro_batch_size, cfg.run.seed)
+    eval_batches = []
+    if loop_config["has_eval"]:
+        eval_batches = list(ray.train.get_dataset_shard("eval").iter_batches(
+            batch_size=t.micro_batch_size, batch_format="numpy"))
+
+    def evaluate() -> dict:
+        model.eval()
+        total = None
+        with torch.no_grad():
+            for batch in eval_batches:
+                _, sums = dpop_step_stats(model, batch, pad_id, device, t.beta, t.dpop_lambda)
+                total = sums if total is None else total + sums
+        model.train()
+        return reduce_stats(total, prefix="eval/")
+
+    model.train()
+    step_started = time.time()
+    for step in range(start_step + 1, t.max_steps + 1):
+        step_sums = None
+        for micro in range(accumulation):
+            epoch, batch = next(batches)
+            # Reduce-scatter gradients only on the last micro-batch of the step.
+            model.set_requires_gradient_sync(micro == accumulation - 1)
+            losses, sums = dpop_step_stats(model, batch, pad_id, device, t.beta, t.dpop_lambda)
+            # Sum over this worker's pairs / its pairs per step; FSDP averages over workers: a mean per pair.
+            (losses.sum() / pairs_per_worker_step).backward()
+            step_sums = sums if step_sums is None else step_sums + sums
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        metrics = {"step": step, "epoch": epoch, "learning_rate": lr, "grad_norm": grad_norm.item(),
+                   **reduce_stats(step_sums)}
+        metrics["seconds_per_step"] = round(time.time() - step_started, 3)
+        step_started = time.time()
+        last = step == t.max_steps
+        if eval_batches and (last or (t.eval_every and step % t.eval_every == 0)):
+            metrics.update(evaluate())
+        logged = last or step % t.log_every == 0 or "eval/loss" in metrics
+        if rank == 0 and logged:
+            metrics_log.write(metrics)
+            shown = " ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "rewards/accuracies", "rewards/margins",
+                                                                "logps/chosen", "dpop/penalty_active"))
+            evaluated = f" | eval/loss {metrics['eval/loss']:.4g}" if "eval/loss" in metrics else ""
+            say(f"step {step}/{t.max_steps} {shown}{evaluated} ({metrics['seconds_per_step']:.2f}s/step)")
+
+        # ray.train.report is a barrier that waits for the controller's poll (about 2 s), so only logged steps
+        # and checkpoints report. The condition is the same on every worker, as report requires.
+        if t.checkpoint_every and step % t.checkpoint_every == 0 and not last:
+            with tempfile.TemporaryDirectory() as folder:
+                model_state, optim_state = get_state_dict(model, optimizer)
+                # Every worker writes its own shard files; Ray merges the workers' folders into one checkpoint.
+                dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=folder)
+                if rank == 0:
+                    with open(os.path.join(folder, "trainer_state.json"), "w") as f:
+                        json.dump({"step": step, "scheduler": scheduler.state_dict()}, f)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                                 checkpoint_dir_name=f"step_{step:06d}")
+        elif logged:
+            ray.train.report(metrics)
+
+    # Gather the sharded weights (a collective: every worker takes part); rank 0 writes the HF model.
+    full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        full_state = {k: v.to(saved_dtype) for k, v in full_state.items()}
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder, state_dict=full_state)
+            tokenizer.save_pretrained(folder)
+            storage.upload_dir(folder, storage.join(out, "model"))
+        say(f"saved the policy to {storage.join(out, 'model')}")
+
+
+def plot_curves(rows: list[dict], path: str) -> None:
+    """Training curves, eval points on top: what a person checks first after a run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("loss", "loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin"),
+              ("logps/chosen", "log p(chosen)"), ("logps/rejected", "log p(rejected)"),
+              ("dpop/penalty_active", "share of pairs with chosen below reference")]
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    for ax, (key, title) in zip(axes.flat, panels):
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], label="train")
+        evals = [r for r in rows if f"eval/{key}" in r]
+        if evals:
+            ax.plot([r["step"] for r in evals], [r[f"eval/{key}"] for r in evals], "o-", label="eval")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train_policy(cfg: Config, stage) -> dict:
+    import ray.data
+    import ray.train
+    from ray.data.expressions import col
+    from ray.train.torch import TorchTrainer
+
+    reference = stage.inputs["reference"]
+    t = cfg.train
+    split_counts = ray.data.read_parquet(reference, columns=["split"]).to_pandas()["split"].value_counts()
+    train_rows, eval_rows = int(split_counts.get("train", 0)), int(split_counts.get("eval", 0))
+    if train_rows < t.micro_batch_size * t.num_workers:
+        raise ValueError(f"train split has {train_rows} pairs; train.micro_batch_size * train.num_workers = "
+                         f"{t.micro_batch_size * t.num_workers} need at least that many")
+    data = ray.data.read_parquet(reference, columns=TRAIN_COLUMNS + ["split"])
+    datasets = {"train": data.filter(expr=col("split") == "train").select_columns(TRAIN_COLUMNS)}
+    has_eval = eval_rows >= t.num_workers
+    if has_eval:
+        datasets["eval"] = data.filter(expr=col("split") == "eval").select_columns(TRAIN_COLUMNS)
+    print(f"[dpop] train: {train_rows} train / {eval_rows} eval pairs, {t.max_steps} steps of {t.batch_size} pairs "
+          f"on {t.num_workers} worker(s), beta={t.beta} lambda={t.dpop_lambda}", flush=True)
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": cfg.to_dict(), "out": stage.out, "has_eval": has_eval},
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                               resources_per_worker={"CPU": t.cpus_per_worker}),
+        # The fingerprint in the run name: a rerun of the same config resumes its checkpoints, another starts anew.
+        run_config=ray.train.RunConfig(name=f"ray-{stage.fingerprint}", storage_path=stage.out,
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints)),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+
+    rows = [json.loads(line) for line in storage.read_text(storage.join(stage.out, "metrics.jsonl")).splitlines()]
+    with tempfile.TemporaryDirectory() as folder:
+        plot_curves(rows, os.path.join(folder, "curves.png"))
+        storage.upload_file(os.path.join(folder, "curves.png"), storage.join(stage.out, "curves.png"))
+    final = rows[-1]
+    return {
+        "rows": train_rows,
+        "eval_rows": eval_rows,
+        "steps": final["step"],
+        "final_metrics": {k: v for k, v in final.items() if k != "step"},
+        "model": storage.join(stage.out, "model"),
+        "curves": storage.join(stage.out, "curves.png"),
+    }
