@@ -135,7 +135,7 @@ def compute_reference(cfg: Config, stage) -> dict:
 
     pairs = ray.data.read_parquet(stage.inputs["pairs"])
     score_pairs(pairs, cfg).write_parquet(stage.out, min_rows_per_file=20_000)
-    summary = ray.data.read_parquet(stage.out, columns=["split", *REF_COLUMNS]).to_pandas()
+    summary = ray.data.read_parquet(stage.out).select_columns(["split", *REF_COLUMNS]).to_pandas()
     means = summary.groupby("split")[list(REF_COLUMNS)].mean().round(4).to_dict(orient="index")
     print(f"[dpop] reference: {len(summary)} pairs scored with {cfg.reference.backend}; mean log-probs {means}",
           flush=True)

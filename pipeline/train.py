@@ -225,10 +225,12 @@ def train_loop(loop_config: dict) -> None:
                    **reduce_stats(step_sums)}
         metrics["seconds_per_step"] = round(time.time() - step_started, 3)
         step_started = time.time()
-        last = step == t.max_steps
+        first, last = step == start_step + 1, step == t.max_steps
+        if first and start_step:
+            metrics["resumed_from_step"] = start_step
         if eval_batches and (last or (t.eval_every and step % t.eval_every == 0)):
             metrics.update(evaluate())
-        logged = last or step % t.log_every == 0 or "eval/loss" in metrics
+        logged = first or last or step % t.log_every == 0 or "eval/loss" in metrics
         if rank == 0 and logged:
             metrics_log.write(metrics)
             shown = " ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "rewards/accuracies", "rewards/margins",
@@ -295,12 +297,12 @@ def train_policy(cfg: Config, stage) -> dict:
 
     reference = stage.inputs["reference"]
     t = cfg.train
-    split_counts = ray.data.read_parquet(reference, columns=["split"]).to_pandas()["split"].value_counts()
+    split_counts = ray.data.read_parquet(reference).select_columns(["split"]).to_pandas()["split"].value_counts()
     train_rows, eval_rows = int(split_counts.get("train", 0)), int(split_counts.get("eval", 0))
     if train_rows < t.micro_batch_size * t.num_workers:
         raise ValueError(f"train split has {train_rows} pairs; train.micro_batch_size * train.num_workers = "
                          f"{t.micro_batch_size * t.num_workers} need at least that many")
-    data = ray.data.read_parquet(reference, columns=TRAIN_COLUMNS + ["split"])
+    data = ray.data.read_parquet(reference).select_columns(TRAIN_COLUMNS + ["split"])
     datasets = {"train": data.filter(expr=col("split") == "train").select_columns(TRAIN_COLUMNS)}
     has_eval = eval_rows >= t.num_workers
     if has_eval:
@@ -327,11 +329,13 @@ def train_policy(cfg: Config, stage) -> dict:
         plot_curves(rows, os.path.join(folder, "curves.png"))
         storage.upload_file(os.path.join(folder, "curves.png"), storage.join(stage.out, "curves.png"))
     final = rows[-1]
+    resumed = [r["resumed_from_step"] for r in rows if "resumed_from_step" in r]
     return {
+        "resumed_from_step": resumed[-1] if resumed else None,
         "rows": train_rows,
         "eval_rows": eval_rows,
         "steps": final["step"],
-        "final_metrics": {k: v for k, v in final.items() if k != "step"},
+        "final_metrics": {k: v for k, v in final.items() if k not in ("step", "resumed_from_step")},
         "model": storage.join(stage.out, "model"),
         "curves": storage.join(stage.out, "curves.png"),
     }

@@ -70,3 +70,16 @@ def test_cli_reports_config_errors_without_starting_ray(tmp_path, base, capsys):
     assert main(["run", path, "--set", "train.beta=0"]) == 2
     assert "config error: train.beta: must be > 0, got 0" in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+def test_readme_documents_every_config_key():
+    import dataclasses
+
+    from conftest import REPO
+    from pipeline import config
+
+    readme = (REPO / "README.md").read_text()
+    for section in (config.RunSection, config.ModelSection, config.DataSection, config.SourceSection,
+                    config.ReferenceSection, config.TrainSection):
+        for f in dataclasses.fields(section):
+            assert f"| `{f.name}` |" in readme, f"README's config reference lacks {section.__name__}.{f.name}"

@@ -1,0 +1,129 @@
+"""`dpop run` on the demo config, end to end on a local Ray cluster with 2 FSDP2 train workers."""
+import json
+import os
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import REPO, write_config
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.runner import plan
+
+METRIC_KEYS = ["step", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+               "logps/chosen", "logps/rejected", "dpop/penalty", "dpop/penalty_active"]
+
+
+def manifest(run_dir, stage):
+    with open(run_dir / stage / "_manifest.json") as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, tiny_model, ray_cluster):
+    """jobs/demo.yaml with its paths moved into a temporary folder and fewer steps; run once for the module."""
+    from pipeline.demo import write_demo_data
+
+    tmp = tmp_path_factory.mktemp("demo")
+    data = write_demo_data(str(tmp / "data"))
+    with open(REPO / "jobs" / "demo.yaml") as f:
+        raw = yaml.safe_load(f)
+    raw["run"].update(storage=str(tmp / "runs"))
+    raw["run"].pop("num_cpus")  # the session's cluster is already up
+    raw["model"]["name_or_path"] = tiny_model
+    raw["data"]["sources"][0]["path"] = data["pairwise"]
+    raw["data"]["sources"][1]["path"] = data["conversations"]
+    raw["train"].update(max_steps=12, checkpoint_every=4, eval_every=4, log_every=1)
+    assert raw["train"]["num_workers"] == 2
+    config = write_config(tmp / "demo.yaml", raw)
+    assert main(["run", config]) == 0
+    return config, tmp / "runs" / "demo", data
+
+
+def test_every_output_is_there(demo):
+    config, run_dir, data = demo
+    pairs = manifest(run_dir, "pairs")
+    lines = sum(1 for path in data.values() for _ in open(path))
+    assert pairs["rows_in"] == lines
+    assert pairs["dropped"] == {"malformed_row": 1, "missing_field": 1, "identical": 1, "too_long": 1}
+    assert pairs["rows"] == lines - 4 == pq.read_table(run_dir / "pairs").num_rows
+
+    reference = pq.read_table(run_dir / "reference")
+    assert reference.num_rows == pairs["rows"]
+    assert reference.schema.field("ref_chosen_logp").type == pa.float64()
+    assert manifest(run_dir, "reference")["backend"] == "vllm"
+
+    train = manifest(run_dir, "train")
+    assert train["steps"] == 12 and train["resumed_from_step"] is None
+    rows = [json.loads(line) for line in open(run_dir / "train" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    for row in rows:
+        assert set(METRIC_KEYS) <= set(row)
+        assert 0 <= row["dpop/penalty_active"] <= 1 and 0 <= row["rewards/accuracies"] <= 1
+    evals = [r for r in rows if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [4, 8, 12]
+    assert all(f"eval/{k}" in r for r in evals for k in METRIC_KEYS[1:])
+    assert os.path.getsize(run_dir / "train" / "curves.png") > 10_000
+
+
+def test_saved_model_loads_and_moved_from_the_reference(demo, tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, run_dir, _ = demo
+    trained = AutoModelForCausalLM.from_pretrained(run_dir / "train" / "model")
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "train" / "model")
+    assert tokenizer.chat_template
+    ids = tokenizer("What is 2 plus 2?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert trained(ids).logits.shape[-1] == initial.config.vocab_size
+    moved = [(a - b).abs().max().item() for a, b in zip(trained.parameters(), initial.parameters())]
+    assert max(moved) > 1e-4
+
+
+def test_second_run_skips_every_stage(demo, capsys):
+    config, run_dir, _ = demo
+    before = {s: manifest(run_dir, s)["finished_at"] for s in ("pairs", "reference", "train")}
+    assert plan(load_config(config), None, []) == []
+    assert main(["run", config]) == 0
+    assert {s: manifest(run_dir, s)["finished_at"] for s in before} == before
+    assert main(["status", config]) == 0
+    status = capsys.readouterr().out
+    assert all(f"{stage:<10} done" in status for stage in before)
+
+
+def test_changing_beta_makes_only_train_stale(demo, capsys):
+    config, _, _ = demo
+    assert main(["status", config, "--set", "train.beta=0.2"]) == 0
+    status = capsys.readouterr().out
+    assert "pairs      done" in status and "reference  done" in status and "train      stale" in status
+    # A stage whose upstream is stale cannot run alone: the error names both, before any work.
+    assert main(["run", config, "--stages", "train", "--set", "data.max_length=100"]) == 2
+    assert "stage train needs reference, which is stale" in capsys.readouterr().err
+
+
+def test_force_train_reruns_only_train(demo):
+    config, run_dir, _ = demo
+    before = {s: manifest(run_dir, s)["finished_at"] for s in ("pairs", "reference", "train")}
+    assert main(["run", config, "--force", "train"]) == 0
+    after = {s: manifest(run_dir, s)["finished_at"] for s in before}
+    assert after["pairs"] == before["pairs"] and after["reference"] == before["reference"]
+    assert after["train"] != before["train"]
+    assert manifest(run_dir, "train")["resumed_from_step"] is None  # forced: a fresh run, not a resume
+
+
+def test_unfinished_train_resumes_from_latest_checkpoint(demo):
+    """A train stage without its manifest (as after a crash) restarts from its newest sharded checkpoint."""
+    config, run_dir, _ = demo
+    os.remove(run_dir / "train" / "_manifest.json")
+    shutil.rmtree(run_dir / "train" / "model")
+    assert main(["run", config]) == 0
+    train = manifest(run_dir, "train")
+    assert train["resumed_from_step"] == 8  # checkpoints at 4 and 8; the last step (12) saves the model instead
+    steps = [json.loads(line)["step"] for line in open(run_dir / "train" / "metrics.jsonl")]
+    assert steps == list(range(1, 13))
+    assert (run_dir / "train" / "model" / "model.safetensors").exists()
