@@ -6,6 +6,7 @@ Fields marked `execution_only` change how a stage runs, not what it writes, so t
 """
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -50,10 +51,13 @@ class ModelSection:
 class SourceSection:
     path: str
     """A local .jsonl/.json/.parquet file or folder, an s3:// or gs:// URI, or `hf:NAME` for a Hugging Face dataset."""
-    format: Literal["pairwise", "implicit_prompt"]
+    format: Literal["pairwise", "implicit_prompt", "multiple_choice", "math_corruption"]
     """`pairwise`: prompt, chosen, rejected (strings, or chat messages that get the chat template).
     `implicit_prompt`: chosen and rejected are whole conversations; the prompt is their shared turns before the
-    last assistant turn (Anthropic HH-RLHF style)."""
+    last assistant turn (Anthropic HH-RLHF style).
+    `multiple_choice`: a question, its choices and the right one give one pair per wrong choice (ARC, HellaSwag).
+    `math_corruption`: a problem and its worked solution give rejected solutions with one number changed (GSM8K,
+    MetaMathQA; the Smaug recipe)."""
     name: str | None = None
     """Label written to the `source` column; unset: the file name without extension."""
     fields: dict[str, str] = field(default_factory=dict)
@@ -64,6 +68,16 @@ class SourceSection:
     """Hugging Face dataset configuration name (`hf:` paths only)."""
     limit: int | None = None
     """Read at most this many rows (for quick trials)."""
+    prompt_template: str | None = None
+    """`multiple_choice` and `math_corruption`: the prompt made from `{question}`. Unset: "Question: {question}
+    \nAnswer:", except "{question}" for HellaSwag, whose endings continue the context."""
+    chat: bool = False
+    """`multiple_choice` and `math_corruption`: send the prompt as a user turn and the answer as the assistant turn
+    through the chat template, instead of plain text."""
+    corruptions: int = 1
+    """`math_corruption`: rejected solutions per problem, each with a different number changed."""
+    seed: int = 0
+    """`math_corruption`: seed of the corruption; the same seed gives the same pairs, whatever the batching."""
 
 
 @dataclass
@@ -75,6 +89,10 @@ class DataSection:
     max_length: int = 1024
     """Prompt + completion token limit. Completions are never cut (that could remove the very tokens that make the
     pair differ), so a pair whose prompt plus longer completion exceeds it is dropped as `too_long`."""
+    deduplicate: bool = False
+    """Drop pairs whose prompt, chosen and rejected all equal another pair's (counted as `duplicate`). Off by default:
+    published sets keep them (ARC-Challenge train repeats one question, and Smaug's 3,357 pairs count it twice);
+    off, identical pairs share their pair_id."""
     eval_fraction: float = 0.05
     """Share of prompts held out as the eval split. The split hashes the prompt, so every pair of one prompt lands
     in the same split and the split is stable across runs."""
@@ -143,12 +161,37 @@ class TrainSection:
 
 
 @dataclass
+class TuneSection:
+    beta: list[float] = field(default_factory=lambda: [0.1])
+    """β values to sweep. Every trial is a `train` run (same train section) with its own β and λ."""
+    dpop_lambda: list[float] = field(default_factory=lambda: [50.0])
+    """λ values to sweep (0 is plain DPO)."""
+    search: Literal["grid", "random", "optuna"] = "grid"
+    """`grid`: every β × λ combination, `num_samples` times. `random` / `optuna`: `num_samples` trials choosing
+    among the listed values (optuna needs the `optuna` package)."""
+    num_samples: int = 1
+    """Grid: repeats of the whole grid. random / optuna: the number of trials."""
+    metric: str = "eval/loss"
+    """The metric that ranks trials (its last reported value) and drives early stopping."""
+    mode: Literal["min", "max"] = "min"
+    """Whether lower or higher `metric` is better."""
+    scheduler: Literal["asha", "none"] = "asha"
+    """`asha`: stop trials whose metric trails the others' at the same step (ASHA). `none`: run every trial out."""
+    grace_period: int = 10
+    """ASHA: steps every trial runs before it can be stopped."""
+    max_concurrent_trials: int | None = execution_only(None)
+    """Cap on trials at once; the cluster's free CPUs (GPUs) per trial's workers bound it anyway."""
+
+
+@dataclass
 class Config:
     run: RunSection
     model: ModelSection
     data: DataSection
     reference: ReferenceSection = field(default_factory=ReferenceSection)
     train: TrainSection = field(default_factory=TrainSection)
+    tune: TuneSection | None = None
+    """The sweep; without this section `dpop run` has no tune stage to run."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -228,6 +271,10 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"data.sources[{i}].path: no such file or folder: {source.path!r}")
         if source.limit is not None:
             _positive(f"data.sources[{i}].limit", source.limit)
+        _positive(f"data.sources[{i}].corruptions", source.corruptions)
+        if source.prompt_template is not None and "{question}" not in source.prompt_template:
+            raise ConfigError(f"data.sources[{i}].prompt_template: must contain {{question}}, "
+                              f"got {source.prompt_template!r}")
     _positive("data.max_prompt_length", cfg.data.max_prompt_length)
     _positive("data.max_length", cfg.data.max_length)
     if cfg.data.max_prompt_length >= cfg.data.max_length:
@@ -251,6 +298,21 @@ def validate(cfg: Config) -> Config:
     for key in ("warmup_steps", "weight_decay", "max_grad_norm", "eval_every", "checkpoint_every"):
         _positive(f"train.{key}", getattr(t, key), allow_zero=True)
     _positive("train.keep_checkpoints", t.keep_checkpoints)
+    if not math.isfinite(t.beta):
+        raise ConfigError(f"train.beta: must be finite, got {t.beta!r}")
+    if cfg.tune is not None:
+        for key in ("beta", "dpop_lambda"):
+            values = getattr(cfg.tune, key)
+            if not values:
+                raise ConfigError(f"tune.{key}: needs at least one value")
+            for i, value in enumerate(values):
+                if not math.isfinite(value):
+                    raise ConfigError(f"tune.{key}[{i}]: must be finite, got {value!r}")
+                _positive(f"tune.{key}[{i}]", value, allow_zero=key == "dpop_lambda")
+        _positive("tune.num_samples", cfg.tune.num_samples)
+        _positive("tune.grace_period", cfg.tune.grace_period)
+        if cfg.tune.max_concurrent_trials is not None:
+            _positive("tune.max_concurrent_trials", cfg.tune.max_concurrent_trials)
     per_step = t.micro_batch_size * t.num_workers
     if t.batch_size % per_step:
         raise ConfigError(
@@ -330,3 +392,35 @@ def fingerprint_view(section) -> dict:
             value = dataclasses.asdict(value)
         out[f.name] = value
     return out
+
+
+def reference_markdown() -> str:
+    """The README's config reference, from the attribute docstrings above (`python -m pipeline.config`)."""
+    import ast
+    import inspect
+    import sys
+
+    tree = ast.parse(inspect.getsource(sys.modules[__name__]))
+    docs = {}
+    for node in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        for statement, following in zip(node.body, node.body[1:]):
+            if isinstance(statement, ast.AnnAssign) and isinstance(following, ast.Expr):
+                docs[(node.name, statement.target.id)] = " ".join(str(following.value.value).split())
+    sections = [("run", RunSection), ("model", ModelSection), ("data", DataSection), ("data.sources[]", SourceSection),
+                ("reference", ReferenceSection), ("train", TrainSection), ("tune", TuneSection)]
+    lines = []
+    for prefix, cls in sections:
+        lines += ["", f"**`{prefix}`**", "", "| key | default | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                default = "unset" if f.default is None else repr(f.default).replace("'", "")
+            elif f.default_factory is not dataclasses.MISSING:
+                default = repr(f.default_factory()).replace("'", "")
+            else:
+                default = "required"
+            lines.append(f"| `{f.name}` | {default} | {docs.get((cls.__name__, f.name), '').replace('|', '/')} |")
+    return "\n".join(lines).strip() + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

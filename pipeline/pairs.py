@@ -2,7 +2,7 @@
 
     read each source as one JSON record per row
     -> parse by format (pipeline/sources.py) -> chat template / EOS -> tokenize -> truncate -> edit distance, split
-    -> mark duplicates -> write kept pairs; count every dropped row by reason in the manifest
+    -> mark duplicates (if data.deduplicate) -> write kept pairs; count every dropped row by reason in the manifest
 
 Truncation rule: a prompt longer than data.max_prompt_length keeps its last tokens; completions are never cut, so
 a pair whose prompt plus longer completion exceeds data.max_length is dropped as `too_long`.
@@ -16,6 +16,7 @@ from collections import Counter, defaultdict
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
+from pipeline import storage
 from pipeline.config import Config
 from pipeline.sources import PARSERS, Drop, RawPair
 
@@ -34,8 +35,15 @@ PAIR_SCHEMA = pa.schema(
         ("split", pa.string()),
     ]
 )
-# While the stage runs, dropped rows travel with the pairs so that one pass counts everything.
-WORK_SCHEMA = PAIR_SCHEMA.append(pa.field("drop_reason", pa.string())).append(pa.field("drop_detail", pa.string()))
+# While the stage runs, dropped rows travel with the pairs so that one pass counts everything; `first_of_record`
+# is 1 on the first row each input record yields (a pair or a drop), so its sum counts the records read.
+WORK_SCHEMA = pa.schema([*PAIR_SCHEMA, pa.field("drop_reason", pa.string()), pa.field("drop_detail", pa.string()),
+                         pa.field("first_of_record", pa.int32())])
+# Below this median token edit distance, plain DPO tends to lower the chosen completion's likelihood (Smaug, Fig. 2
+# and Sec. 3: pairs that differ in a few tokens); training warns when such data runs with dpop_lambda = 0.
+LOW_EDIT_DISTANCE = 10
+EDIT_DISTANCE_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+EDIT_DISTANCE_PLOT = "_edit_distance.png"
 DROP_EXAMPLES = 3
 
 
@@ -150,30 +158,32 @@ def build_batch(batch: pa.Table, config: dict) -> pa.Table:
     tokenizer = load_tokenizer(model["tokenizer"] or model["name_or_path"], model["trust_remote_code"])
     out = defaultdict(list)
 
-    def emit_drop(source: str, reason: str, detail: str) -> None:
-        row = {name: None for name in PAIR_SCHEMA.names}
-        row.update(pair_id="", source=source, drop_reason=reason, drop_detail=detail[:300])
-        for name, value in row.items():
-            out[name].append(value)
+    def emit(row: dict, first: bool) -> None:
+        row["first_of_record"] = int(first)
+        for name in WORK_SCHEMA.names:
+            out[name].append(row.get(name))
+
+    def drop_row(source: str, drop: Drop) -> dict:
+        return {"pair_id": "", "source": source, "drop_reason": drop.reason, "drop_detail": drop.detail[:300]}
 
     for source_index, record in zip(batch["source_index"].to_pylist(), batch["record"].to_pylist()):
         source = data["sources"][source_index]
         try:
-            row = json.loads(record)
+            try:
+                row = json.loads(record)
+            except json.JSONDecodeError as e:
+                raise Drop("malformed_row", f"{e}: {record[:200]}") from None
             if not isinstance(row, dict):
                 raise Drop("malformed_row", f"not a JSON object: {record[:200]}")
-            raw_pairs = PARSERS[source["format"]](row, source["fields"])
-        except json.JSONDecodeError as e:
-            emit_drop(source["name"], "malformed_row", f"{e}: {record[:200]}")
-            continue
+            raw_pairs = PARSERS[source["format"]](row, source)
         except Drop as drop:
-            emit_drop(source["name"], drop.reason, drop.detail)
+            emit(drop_row(source["name"], drop), first=True)
             continue
-        for raw in raw_pairs:
+        for i, raw in enumerate(raw_pairs):
             try:
                 pair = tokenize_pair(raw, tokenizer, data["max_prompt_length"], data["max_length"])
             except Drop as drop:
-                emit_drop(source["name"], drop.reason, drop.detail)
+                emit(drop_row(source["name"], drop), first=i == 0)
                 continue
             pair.update(
                 pair_id=stable_hash(pair["prompt"], pair["chosen"], pair["rejected"]),
@@ -183,8 +193,7 @@ def build_batch(batch: pa.Table, config: dict) -> pa.Table:
                 drop_reason="",
                 drop_detail="",
             )
-            for name in WORK_SCHEMA.names:
-                out[name].append(pair[name])
+            emit(pair, first=i == 0)
     return pa.Table.from_pydict({name: out[name] for name in WORK_SCHEMA.names}, schema=WORK_SCHEMA)
 
 
@@ -223,19 +232,39 @@ def _json_records(table: pa.Table) -> pa.Table:
     return pa.table({"record": records})
 
 
+def _hellaswag_text_records(table: pa.Table) -> pa.Table:
+    """HellaSwag's six-line text layout: "activity: context", the right ending's index, then the four endings.
+    (Ray's file reader has already undone any .bz2 compression, from the extension.)"""
+    records = []
+    for blob in table["bytes"].to_pylist():
+        lines = blob.decode().split("\n")
+        lines = lines[: len(lines) - len(lines) % 6]  # a trailing newline leaves one empty line
+        for start in range(0, len(lines), 6):
+            context, label, *endings = lines[start:start + 6]
+            records.append(json.dumps({"ctx": context, "label": label, "endings": endings}))
+    return pa.table({"record": records})
+
+
+READERS = {".jsonl": "JSON lines", ".json": "JSON", ".parquet": "Parquet", ".txt": "HellaSwag text",
+           ".txt.bz2": "HellaSwag text"}
+
+
+def _extension(name: str) -> str:
+    name = name.lower()
+    return ".txt.bz2" if name.endswith(".txt.bz2") else os.path.splitext(name)[1]
+
+
 def _file_kind(path: str) -> str:
     """The reader a local path or URI needs, from its extension (or its files' extensions for a folder)."""
-    from pipeline import storage
-
     fs, inner = storage.resolve(path)
     names = [inner]
     if fs.get_file_info(inner).type.name == "Directory":
         import pyarrow.fs as pafs
 
         names = [i.path for i in fs.get_file_info(pafs.FileSelector(inner, recursive=True)) if i.is_file]
-    kinds = {os.path.splitext(n)[1].lower() for n in names} & {".jsonl", ".json", ".parquet"}
+    kinds = {_extension(n) for n in names} & set(READERS)
     if len(kinds) != 1:
-        raise ValueError(f"{path}: expected .jsonl, .json or .parquet files, found {sorted(kinds) or 'none'}")
+        raise ValueError(f"{path}: expected files of one kind among {', '.join(READERS)}; found {sorted(kinds) or 'none'}")
     return kinds.pop()
 
 
@@ -257,6 +286,10 @@ def read_source(source: dict):
             ds = ray.data.read_binary_files(path, file_extensions=["json"]).map_batches(
                 _json_records, batch_format="pyarrow"
             )
+        elif kind in (".txt", ".txt.bz2"):
+            ds = ray.data.read_binary_files(path, file_extensions=["txt", "bz2"]).map_batches(
+                _hellaswag_text_records, batch_format="pyarrow"
+            )
         else:
             ds = ray.data.read_parquet(path).map_batches(_records, batch_format="pyarrow")
     if source["limit"]:
@@ -264,8 +297,56 @@ def read_source(source: dict):
     return ds
 
 
+def _quantiles(values) -> dict:
+    out = {"count": int(len(values)), "mean": round(float(values.mean()), 2), "max": int(values.max())}
+    out.update({f"p{int(q * 100)}": float(values.quantile(q)) for q in EDIT_DISTANCE_QUANTILES})
+    return out
+
+
+def edit_distance_report(frame, out: str) -> dict:
+    """Quantiles of the token edit distance per source and split (and over all train pairs), and a histogram PNG
+    per source beside the pairs: the profile that tells whether plain DPO is at risk on this data."""
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    report = {"all_train": _quantiles(frame[frame.split == "train"].edit_distance) if (frame.split == "train").any()
+              else None, "by_source": {}}
+    sources = sorted(frame.source.unique())
+    fig, axes = plt.subplots(1, max(1, len(sources)), figsize=(5 * max(1, len(sources)), 3.6), squeeze=False)
+    for ax, source in zip(axes[0], sources):
+        part = frame[frame.source == source]
+        report["by_source"][source] = {split: _quantiles(g.edit_distance) for split, g in part.groupby("split")}
+        top = max(1, int(part.edit_distance.quantile(0.99)))
+        bins = range(0, top + 2, max(1, (top + 1) // 40))
+        for split, g in part.groupby("split"):
+            ax.hist(g.edit_distance.clip(upper=top + 1), bins=bins, alpha=0.6, label=f"{split} ({len(g)})")
+        median = part.edit_distance.median()
+        ax.axvline(median, color="black", linestyle="--", linewidth=1, label=f"median {median:g}")
+        ax.axvline(LOW_EDIT_DISTANCE, color="red", linestyle=":", linewidth=1, label=f"low ({LOW_EDIT_DISTANCE})")
+        ax.set_title(f"{source}: chosen vs rejected")
+        ax.set_xlabel("token edit distance (clipped at p99)")
+        ax.set_ylabel("pairs")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with tempfile.TemporaryDirectory() as folder:
+        fig.savefig(os.path.join(folder, "plot.png"), dpi=100)
+        # The leading underscore keeps Parquet readers (pyarrow, Spark, pandas) from taking it for data.
+        storage.upload_file(os.path.join(folder, "plot.png"), storage.join(out, EDIT_DISTANCE_PLOT))
+    plt.close(fig)
+    for source, splits in report["by_source"].items():
+        shown = ", ".join(f"{split} median {q['p50']:g} (p10 {q['p10']:g}, p90 {q['p90']:g})"
+                          for split, q in splits.items())
+        print(f"[dpop] pairs: edit distance of {source}: {shown}", flush=True)
+    return report
+
+
 def build_pairs(cfg: Config, stage) -> dict:
     import ray
+    from ray.data.aggregate import Count, Sum
     from ray.data.expressions import col
 
     config = cfg.to_dict()
@@ -282,23 +363,24 @@ def build_pairs(cfg: Config, stage) -> dict:
                                     batch_format="pyarrow"))
     records = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     # A single file is one block: split it so tokenization spreads over the cluster.
-    built = (
-        records.repartition(target_num_rows_per_block=1000)
-        .map_batches(build_batch, fn_kwargs={"config": config}, batch_format="pyarrow", batch_size=256)
-        .groupby("pair_id")
-        .map_groups(mark_duplicates, batch_format="pyarrow")
-        .materialize()
-    )
-    summary = Counter()
-    for row in built.groupby(["source", "split", "drop_reason"]).count().take_all():
+    built = records.repartition(target_num_rows_per_block=1000).map_batches(
+        build_batch, fn_kwargs={"config": config}, batch_format="pyarrow", batch_size=256)
+    if cfg.data.deduplicate:
+        built = built.groupby("pair_id").map_groups(mark_duplicates, batch_format="pyarrow")
+    built = built.materialize()
+    summary, records_in = Counter(), Counter()
+    for row in built.groupby(["source", "split", "drop_reason"]).aggregate(Count(), Sum("first_of_record")).take_all():
         summary[(row["source"], row["split"], row["drop_reason"])] += row["count()"]
+        records_in[row["source"]] += row["sum(first_of_record)"]
     built.map_batches(kept_pairs, batch_format="pyarrow").write_parquet(stage.out, min_rows_per_file=20_000)
 
     dropped, examples = Counter(), defaultdict(list)
     for row in built.filter(expr=col("drop_reason") != "").take(1000):
         if len(examples[row["drop_reason"]]) < DROP_EXAMPLES:
             examples[row["drop_reason"]].append({"source": row["source"], "detail": row["drop_detail"]})
-    per_source = defaultdict(lambda: {"train": 0, "eval": 0, "dropped": {}})
+    per_source = defaultdict(lambda: {"records_in": 0, "train": 0, "eval": 0, "dropped": {}})
+    for source, n in records_in.items():
+        per_source[source]["records_in"] = n
     for (source, split, reason), n in summary.items():
         if reason:
             dropped[reason] += n
@@ -310,11 +392,16 @@ def build_pairs(cfg: Config, stage) -> dict:
         if not reason:
             splits[split] += n
     rows = sum(splits.values())
-    print(f"[dpop] pairs: {rows} kept ({dict(splits)}), dropped {dict(dropped) or 'none'}", flush=True)
+    print(f"[dpop] pairs: {sum(records_in.values())} records read, {rows} pairs kept ({dict(splits)}), "
+          f"dropped {dict(dropped) or 'none'}", flush=True)
+    edit_distance = edit_distance_report(ray.data.read_parquet(stage.out).select_columns(
+        ["source", "split", "edit_distance"]).to_pandas(), stage.out)
     return {
         "rows": rows,
-        "rows_in": rows + sum(dropped.values()),
+        "records_in": sum(records_in.values()),
         "splits": dict(splits),
+        "edit_distance": edit_distance,
+        "edit_distance_plot": storage.join(stage.out, EDIT_DISTANCE_PLOT),
         "dropped": dict(dropped),
         "drop_examples": dict(examples),
         "sources": dict(per_source),

@@ -41,6 +41,8 @@ STAGES = (
     Stage("pairs", None, ("model", "data"), "pipeline.pairs:build_pairs"),
     Stage("reference", "pairs", ("model", "reference"), "pipeline.reference:compute_reference"),
     Stage("train", "reference", ("model", "train"), "pipeline.train:train_policy", resumable=True),
+    # Reads the same reference output as train, so a sweep never recomputes reference log-probs.
+    Stage("tune", "reference", ("model", "train", "tune"), "pipeline.tune:sweep", resumable=True),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -64,7 +66,7 @@ def fingerprints(cfg: Config) -> dict[str, str]:
     for stage in STAGES:
         payload = {
             "stage": stage.name,
-            "config": {s: fingerprint_view(getattr(cfg, s)) for s in stage.sections},
+            "config": {s: fingerprint_view(getattr(cfg, s)) for s in stage.sections if getattr(cfg, s) is not None},
             "upstream": out.get(stage.needs),
             "seed": cfg.run.seed,
         }
@@ -124,7 +126,12 @@ def plan(cfg: Config, only: list[str] | None, force: list[str]) -> list[tuple[St
         if name not in STAGE_NAMES:
             raise PlanError(f"unknown stage {name!r}; stages are {', '.join(STAGE_NAMES)}")
     states = {row["stage"]: row["state"] for row in stage_states(cfg)}
-    selected = only or list(STAGE_NAMES)
+    # A stage whose config section is absent (tune) runs only when asked for, and then needs the section.
+    configured = [s.name for s in STAGES if all(getattr(cfg, section) is not None for section in s.sections)]
+    for name in [*(only or []), *force]:
+        if name not in configured:
+            raise PlanError(f"stage {name} needs a `{name}` section in the config")
+    selected = only or configured
     will_be_done = {name for name, state in states.items() if state == "done"}
     steps = []
     for stage in STAGES:

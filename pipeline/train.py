@@ -18,6 +18,7 @@ import time
 
 from pipeline import storage
 from pipeline.config import Config, config_from_dict
+from pipeline.pairs import LOW_EDIT_DISTANCE
 
 TRAIN_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logp", "ref_rejected_logp"]
 # Per-pair statistics summed on every worker, all-reduced, then divided by the pair count.
@@ -216,6 +217,11 @@ def train_loop(loop_config: dict) -> None:
             step_sums = sums if step_sums is None else step_sums + sums
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        if not torch.isfinite(grad_norm):
+            # A step on inf/NaN gradients (or a NaN loss) would leave NaN weights and train on silently. The norm is
+            # global, the same on every worker, so all of them stop here together.
+            raise FloatingPointError(f"non-finite gradient norm at step {step} (beta={t.beta}, "
+                                     f"dpop_lambda={t.dpop_lambda}, learning_rate={t.learning_rate})")
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -224,6 +230,7 @@ def train_loop(loop_config: dict) -> None:
         metrics = {"step": step, "epoch": epoch, "learning_rate": lr, "grad_norm": grad_norm.item(),
                    **reduce_stats(step_sums)}
         metrics["seconds_per_step"] = round(time.time() - step_started, 3)
+        metrics["time"] = round(time.time(), 3)
         step_started = time.time()
         first, last = step == start_step + 1, step == t.max_steps
         if first and start_step:
@@ -289,53 +296,88 @@ def plot_curves(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def train_policy(cfg: Config, stage) -> dict:
-    import ray.data
-    import ray.train
-    from ray.data.expressions import col
-    from ray.train.torch import TorchTrainer
+def low_edit_distance_warning(dpop_lambda: float, median_edit_distance: float | None) -> str | None:
+    """Plain DPO on pairs that differ in a few tokens is the failure mode DPOP was made for: say so."""
+    if dpop_lambda > 0 or median_edit_distance is None or median_edit_distance >= LOW_EDIT_DISTANCE:
+        return None
+    return (f"plain DPO (train.dpop_lambda = 0) on pairs with median token edit distance {median_edit_distance:g} "
+            f"(< {LOW_EDIT_DISTANCE}): on pairs that differ in a few tokens DPO tends to lower the likelihood of the "
+            f"chosen completion too (Smaug, Pal et al. 2024). DPOP keeps it up: set train.dpop_lambda > 0 (the paper "
+            f"uses 50).")
 
-    reference = stage.inputs["reference"]
-    t = cfg.train
-    split_counts = ray.data.read_parquet(reference).select_columns(["split"]).to_pandas()["split"].value_counts()
-    train_rows, eval_rows = int(split_counts.get("train", 0)), int(split_counts.get("eval", 0))
+
+def load_datasets(reference: str, t) -> tuple[dict, dict]:
+    """The reference stage's pairs as Ray Datasets for the trainer ("train", and "eval" when every worker gets a
+    row), and what the driver needs to know of them."""
+    import ray.data
+    from ray.data.expressions import col
+
+    splits = ray.data.read_parquet(reference).select_columns(["split", "edit_distance"]).to_pandas()
+    train_rows, eval_rows = int((splits.split == "train").sum()), int((splits.split == "eval").sum())
     if train_rows < t.micro_batch_size * t.num_workers:
         raise ValueError(f"train split has {train_rows} pairs; train.micro_batch_size * train.num_workers = "
                          f"{t.micro_batch_size * t.num_workers} need at least that many")
     data = ray.data.read_parquet(reference).select_columns(TRAIN_COLUMNS + ["split"])
     datasets = {"train": data.filter(expr=col("split") == "train").select_columns(TRAIN_COLUMNS)}
-    has_eval = eval_rows >= t.num_workers
-    if has_eval:
+    if eval_rows >= t.num_workers:
         datasets["eval"] = data.filter(expr=col("split") == "eval").select_columns(TRAIN_COLUMNS)
-    print(f"[dpop] train: {train_rows} train / {eval_rows} eval pairs, {t.max_steps} steps of {t.batch_size} pairs "
-          f"on {t.num_workers} worker(s), beta={t.beta} lambda={t.dpop_lambda}", flush=True)
+    info = {"train_rows": train_rows, "eval_rows": eval_rows,
+            "median_edit_distance": float(splits[splits.split == "train"].edit_distance.median())}
+    return datasets, info
 
-    trainer = TorchTrainer(
+
+def make_trainer(cfg: Config, out: str, run_name: str, datasets: dict, callbacks: list = ()):
+    """The TorchTrainer of one training run writing to `out`; the train stage and every tune trial use it.
+    Rerunning with the same `out` and `run_name` resumes from that run's newest checkpoint."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    t = cfg.train
+    return TorchTrainer(
         train_loop,
-        train_loop_config={"config": cfg.to_dict(), "out": stage.out, "has_eval": has_eval},
+        train_loop_config={"config": cfg.to_dict(), "out": out, "has_eval": "eval" in datasets},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker}),
-        # The fingerprint in the run name: a rerun of the same config resumes its checkpoints, another starts anew.
-        run_config=ray.train.RunConfig(name=f"ray-{stage.fingerprint}", storage_path=stage.out,
+        run_config=ray.train.RunConfig(name=run_name, storage_path=out, callbacks=list(callbacks),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints)),
         datasets=datasets,
     )
-    result = trainer.fit()
+
+
+def read_metrics(out: str) -> list[dict]:
+    text = storage.read_text(storage.join(out, "metrics.jsonl")) or ""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def train_policy(cfg: Config, stage) -> dict:
+    t = cfg.train
+    datasets, info = load_datasets(stage.inputs["reference"], t)
+    warnings = [w for w in [low_edit_distance_warning(t.dpop_lambda, info["median_edit_distance"])] if w]
+    for warning in warnings:
+        print(f"[dpop] WARNING: {warning}", flush=True)
+    print(f"[dpop] train: {info['train_rows']} train / {info['eval_rows']} eval pairs, {t.max_steps} steps of "
+          f"{t.batch_size} pairs on {t.num_workers} worker(s), beta={t.beta} lambda={t.dpop_lambda}", flush=True)
+    # The fingerprint in the run name: a rerun of the same config resumes its checkpoints, another starts anew.
+    result = make_trainer(cfg, stage.out, f"ray-{stage.fingerprint}", datasets).fit()
     if result.error:
         raise result.error
 
-    rows = [json.loads(line) for line in storage.read_text(storage.join(stage.out, "metrics.jsonl")).splitlines()]
+    rows = read_metrics(stage.out)
     with tempfile.TemporaryDirectory() as folder:
         plot_curves(rows, os.path.join(folder, "curves.png"))
         storage.upload_file(os.path.join(folder, "curves.png"), storage.join(stage.out, "curves.png"))
     final = rows[-1]
+    median_edit = info["median_edit_distance"]
+    train_rows, eval_rows = info["train_rows"], info["eval_rows"]
     resumed = [r["resumed_from_step"] for r in rows if "resumed_from_step" in r]
     return {
+        "warnings": warnings,
+        "median_edit_distance": median_edit,
         "resumed_from_step": resumed[-1] if resumed else None,
         "rows": train_rows,
         "eval_rows": eval_rows,
         "steps": final["step"],
-        "final_metrics": {k: v for k, v in final.items() if k not in ("step", "resumed_from_step")},
+        "final_metrics": {k: v for k, v in final.items() if k not in ("step", "resumed_from_step", "time")},
         "model": storage.join(stage.out, "model"),
         "curves": storage.join(stage.out, "curves.png"),
     }

@@ -13,6 +13,15 @@ from pipeline.runner import run_stages
 from pipeline.sources import Drop, RawPair, parse_implicit_prompt, parse_pairwise
 
 
+def source(**options) -> dict:
+    """A source's config as the parsers receive it: SourceSection's fields with its defaults."""
+    import dataclasses
+
+    from pipeline.config import SourceSection
+
+    return dataclasses.asdict(SourceSection(**{"path": "x.jsonl", "format": "pairwise", **options}))
+
+
 def slow_levenshtein(a, b):
     table = list(range(len(b) + 1))
     for i in range(1, len(a) + 1):
@@ -42,10 +51,10 @@ def test_edit_distance_matches_the_dynamic_programme():
 
 
 def test_pairwise_strings_and_messages():
-    (pair,) = parse_pairwise({"q": "2+2?", "chosen": "4", "rejected": "5"}, {"prompt": "q"})
+    (pair,) = parse_pairwise({"q": "2+2?", "chosen": "4", "rejected": "5"}, source(fields={"prompt": "q"}))
     assert pair == RawPair("2+2?", "4", "5")
     (pair,) = parse_pairwise({"prompt": "2+2?", "chosen": [{"role": "assistant", "content": "4"}],
-                              "rejected": "5"}, {})
+                              "rejected": "5"}, source())
     assert pair.prompt == [{"role": "user", "content": "2+2?"}]
     assert pair.rejected == [{"role": "assistant", "content": "5"}]
 
@@ -59,22 +68,22 @@ def test_pairwise_strings_and_messages():
 ])
 def test_pairwise_drops(row, reason):
     with pytest.raises(Drop) as drop:
-        parse_pairwise(row, {})
+        parse_pairwise(row, source())
     assert drop.value.reason == reason
 
 
 def test_implicit_prompt_text_and_messages():
     history = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: 2+2?\n\nAssistant:"
-    (pair,) = parse_implicit_prompt({"chosen": history + " 4", "rejected": history + " 5"}, {})
+    (pair,) = parse_implicit_prompt({"chosen": history + " 4", "rejected": history + " 5"}, source())
     assert pair == RawPair(history, " 4", " 5")
     turns = [{"role": "user", "content": "2+2?"}]
     (pair,) = parse_implicit_prompt({"chosen": turns + [{"role": "assistant", "content": "4"}],
-                                     "rejected": turns + [{"role": "assistant", "content": "5"}]}, {})
+                                     "rejected": turns + [{"role": "assistant", "content": "5"}]}, source())
     assert pair.prompt == turns and pair.chosen == [{"role": "assistant", "content": "4"}]
     with pytest.raises(Drop, match="no_shared_prefix"):
-        parse_implicit_prompt({"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: y"}, {})
+        parse_implicit_prompt({"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: y"}, source())
     with pytest.raises(Drop, match="no_assistant_turn"):
-        parse_implicit_prompt({"chosen": "no turns", "rejected": "here"}, {})
+        parse_implicit_prompt({"chosen": "no turns", "rejected": "here"}, source())
 
 
 def test_chat_template_tokenization(tokenizer):
@@ -139,11 +148,11 @@ def test_pairs_stage_counts_every_row(tmp_path, tiny_model, ray_cluster):
                              {"path": conversations, "format": "implicit_prompt", "name": "hh"},
                              {"path": str(array_path), "format": "pairwise"},
                              {"path": str(tmp_path / "table.parquet"), "format": "pairwise"}],
-                 "max_prompt_length": 32, "max_length": 64, "eval_fraction": 0.25},
+                 "max_prompt_length": 32, "max_length": 64, "eval_fraction": 0.25, "deduplicate": True},
     }))
     manifest = run_stages(cfg, ["pairs"])["pairs"]
     rows_in = len(good) + len(chat) + len(bad) + 16 + 10 + 10
-    assert manifest["rows_in"] == rows_in
+    assert manifest["records_in"] == rows_in
     assert manifest["dropped"] == {"malformed_row": 2, "missing_field": 1, "empty_field": 1, "identical": 1,
                                    "too_long": 1, "no_shared_prefix": 1, "duplicate": 21}
     # 21 duplicates: the planted one, and the JSON and Parquet copies of good[:20].

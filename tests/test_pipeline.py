@@ -47,7 +47,7 @@ def test_every_output_is_there(demo):
     config, run_dir, data = demo
     pairs = manifest(run_dir, "pairs")
     lines = sum(1 for path in data.values() for _ in open(path))
-    assert pairs["rows_in"] == lines
+    assert pairs["records_in"] == lines
     assert pairs["dropped"] == {"malformed_row": 1, "missing_field": 1, "identical": 1, "too_long": 1}
     assert pairs["rows"] == lines - 4 == pq.read_table(run_dir / "pairs").num_rows
 
@@ -127,3 +127,18 @@ def test_unfinished_train_resumes_from_latest_checkpoint(demo):
     steps = [json.loads(line)["step"] for line in open(run_dir / "train" / "metrics.jsonl")]
     assert steps == list(range(1, 13))
     assert (run_dir / "train" / "model" / "model.safetensors").exists()
+
+
+def test_plain_dpo_on_low_edit_distance_pairs_warns(demo):
+    """The demo's pairs differ in one number (median edit distance 1): λ = 0 must warn and name DPOP."""
+    from pipeline.train import low_edit_distance_warning
+
+    assert low_edit_distance_warning(50.0, 1.0) is None and low_edit_distance_warning(0.0, 40.0) is None
+    config, run_dir, _ = demo
+    assert manifest(run_dir, "train")["warnings"] == []  # λ = 50
+    assert main(["run", config, "--set", "train.dpop_lambda=0", "--set", "train.max_steps=2",
+                 "--set", "train.warmup_steps=0", "--set", "train.eval_every=0"]) == 0
+    train = manifest(run_dir, "train")
+    assert train["median_edit_distance"] == 1.0
+    (warning,) = train["warnings"]
+    assert "plain DPO" in warning and "DPOP" in warning and "train.dpop_lambda" in warning

@@ -1,0 +1,242 @@
+"""`tune` stage (Ray Tune): sweep β and λ, every trial a distributed `TorchTrainer` on the one reference pass.
+
+Reference log-probs depend on neither β nor λ, so every trial reads the reference stage's Parquet; nothing here
+computes them. Each trial is a function trainable that fits its own TorchTrainer (`pipeline.train.make_trainer`)
+and forwards its reports to Tune (`TuneReportCallback`), so ASHA can stop trials that trail. A trial that fails is
+recorded with its error; the others go on. Rerunning an unfinished stage restores the Tune experiment: finished
+trials are kept, unfinished ones resume from their checkpoints.
+
+Outputs in tune/: trials.parquet (one row a trial), best.json, heatmap.png (the metric over β × λ),
+logps_chosen.png (log p(chosen) over steps, every trial), trials/beta_<β>-lambda_<λ>-<trial id>/ (each trial's
+train outputs: metrics.jsonl, checkpoints, model/).
+"""
+import json
+import math
+import os
+import tempfile
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.config import Config, config_from_dict
+from pipeline.train import load_datasets, make_trainer, read_metrics
+
+TRIAL_DRIVER_CPUS = 0.1  # a trial's own process only waits on its TorchTrainer; its workers hold the real CPUs
+
+
+def trial_folder(beta: float, dpop_lambda: float, trial_id: str) -> str:
+    """Readable and unique: repeats of the grid (num_samples) or of a random draw differ by Tune's trial id."""
+    return f"beta_{beta:g}-lambda_{dpop_lambda:g}-{trial_id}"
+
+
+def run_trial(params: dict) -> None:
+    """One Tune trial: the train stage's TorchTrainer with this trial's β and λ, reporting to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = config_from_dict(params["config"])
+    cfg.train.beta, cfg.train.dpop_lambda = params["beta"], params["dpop_lambda"]
+    folder = trial_folder(cfg.train.beta, cfg.train.dpop_lambda, tune.get_context().get_trial_id())
+    out = storage.join(params["out"], "trials", folder)
+    datasets, _ = load_datasets(params["reference"], cfg.train)
+    result = make_trainer(cfg, out, "ray-train", datasets, callbacks=[TuneReportCallback()]).fit()
+    if result.error:
+        raise result.error
+
+
+def _search(tc, param_space: dict):
+    """The search algorithm and the β, λ entries of the search space."""
+    from ray import tune
+
+    if tc.search == "grid":
+        param_space.update(beta=tune.grid_search(tc.beta), dpop_lambda=tune.grid_search(tc.dpop_lambda))
+        return None
+    param_space.update(beta=tune.choice(tc.beta), dpop_lambda=tune.choice(tc.dpop_lambda))
+    if tc.search == "random":
+        return None
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError as e:
+        raise ValueError("tune.search: optuna needs the optuna package (pip install optuna)") from e
+    return OptunaSearch()
+
+
+def _concurrency(cfg: Config) -> int:
+    """Trials at once: as many as the cluster's CPUs (and GPUs) hold with every trial's workers, within the cap."""
+    import ray
+
+    t, resources = cfg.train, ray.cluster_resources()
+    fits = math.floor(resources.get("CPU", 0) / (t.num_workers * t.cpus_per_worker + TRIAL_DRIVER_CPUS))
+    if t.use_gpu:
+        fits = min(fits, math.floor(resources.get("GPU", 0) / t.num_workers))
+    if fits < 1:
+        raise ValueError(f"the cluster ({resources}) cannot hold one trial of {t.num_workers} train worker(s)")
+    return min(fits, cfg.tune.max_concurrent_trials or fits)
+
+
+def _latest_checkpoint(trial_out: str) -> str | None:
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(storage.join(trial_out, "ray-train"))
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    steps = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path)) if i.base_name.startswith("step_"))
+    return storage.join(trial_out, "ray-train", steps[-1]) if steps else None
+
+
+def trial_table(results, cfg: Config, out: str) -> tuple[list[dict], dict[str, list[dict]]]:
+    """One row per trial (β, λ, status, error, final and best metric, paths) and each trial's metric rows."""
+    tc, max_steps = cfg.tune, cfg.train.max_steps
+    rows, curves = [], {}
+    for result in results:
+        beta, dpop_lambda = result.config["beta"], result.config["dpop_lambda"]
+        trial_id = result.metrics["trial_id"]  # Tune sets it even for a trial that failed before reporting
+        folder = trial_folder(beta, dpop_lambda, trial_id)
+        trial_out = storage.join(out, "trials", folder)
+        metrics = read_metrics(trial_out)
+        curves[folder] = metrics
+        final = metrics[-1] if metrics else {}
+        values = [m[tc.metric] for m in metrics if tc.metric in m]
+        if result.error:
+            status = "failed"
+        elif final.get("step", 0) >= max_steps:
+            status = "finished"
+        else:
+            status = "stopped_early"
+        model = storage.join(trial_out, "model")
+        rows.append({
+            "trial_id": trial_id,
+            "beta": beta,
+            "dpop_lambda": dpop_lambda,
+            "status": status,
+            "error": f"{type(result.error).__name__}: {result.error}"[:2000] if result.error else None,
+            "steps": final.get("step", 0),
+            "metric": tc.metric,
+            "final_metric": values[-1] if values else None,
+            "best_metric": (min(values) if tc.mode == "min" else max(values)) if values else None,
+            **{key: final.get(key) for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                                               "logps/rejected", "dpop/penalty_active", "eval/loss",
+                                               "eval/rewards/accuracies", "eval/rewards/margins",
+                                               "eval/logps/chosen")},
+            "checkpoint": _latest_checkpoint(trial_out),
+            "model": model if status == "finished" and storage.exists(storage.join(model, "config.json")) else None,
+        })
+    return rows, curves
+
+
+def best_trial(rows: list[dict], mode: str) -> dict | None:
+    """The trial with the best last value of the metric among those that did not fail."""
+    scored = [r for r in rows if r["status"] != "failed" and r["final_metric"] is not None]
+    if not scored:
+        return None
+    return (min if mode == "min" else max)(scored, key=lambda r: r["final_metric"])
+
+
+def plot_sweep(rows: list[dict], curves: dict[str, list[dict]], cfg: Config, folder: str) -> None:
+    """heatmap.png: the metric over β × λ; logps_chosen.png: log p(chosen) over steps for every trial."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    betas = sorted({r["beta"] for r in rows})
+    lambdas = sorted({r["dpop_lambda"] for r in rows})
+    grid = np.full((len(lambdas), len(betas)), np.nan)
+    labels = [["failed" for _ in betas] for _ in lambdas]
+    for r in rows:
+        i, j = lambdas.index(r["dpop_lambda"]), betas.index(r["beta"])
+        if r["final_metric"] is not None and r["status"] != "failed":
+            grid[i, j] = r["final_metric"]
+            labels[i][j] = f"{r['final_metric']:.4g}" + ("\n(stopped)" if r["status"] == "stopped_early" else "")
+    fig, ax = plt.subplots(figsize=(1.8 * len(betas) + 3, 1.2 * len(lambdas) + 2))
+    image = ax.imshow(grid, cmap="viridis_r" if cfg.tune.mode == "min" else "viridis", aspect="auto")
+    for i in range(len(lambdas)):
+        for j in range(len(betas)):
+            ax.text(j, i, labels[i][j], ha="center", va="center", color="white", fontsize=9,
+                    bbox={"facecolor": "black", "alpha": 0.4, "linewidth": 0})
+    ax.set_xticks(range(len(betas)), [f"{b:g}" for b in betas])
+    ax.set_yticks(range(len(lambdas)), [f"{v:g}" for v in lambdas])
+    ax.set_xlabel("β")
+    ax.set_ylabel("λ")
+    ax.set_title(f"{cfg.tune.metric} (last value; {'lower' if cfg.tune.mode == 'min' else 'higher'} is better)")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "heatmap.png"), dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for name, metrics in sorted(curves.items()):
+        if metrics:
+            ax.plot([m["step"] for m in metrics], [m["logps/chosen"] for m in metrics], label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("log p(chosen), summed over completion tokens")
+    ax.set_title("Chosen log-likelihood per trial: DPO's failure mode is this falling")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "logps_chosen.png"), dpi=100)
+    plt.close(fig)
+
+
+def sweep(cfg: Config, stage) -> dict:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    tc = cfg.tune
+    # Early evaluation rows carry the metric, the steps between them do not; ASHA passes over those.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    param_space = {"config": cfg.to_dict(), "out": stage.out, "reference": stage.inputs["reference"]}
+    search_alg = _search(tc, param_space)
+    scheduler = None
+    if tc.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps,
+                                  grace_period=min(tc.grace_period, cfg.train.max_steps), reduction_factor=2)
+    concurrency = _concurrency(cfg)
+    trainable = tune.with_resources(run_trial, {"CPU": TRIAL_DRIVER_CPUS})
+    experiment = storage.join(stage.out, f"ray-{stage.fingerprint}")
+    if tune.Tuner.can_restore(experiment):
+        print(f"[dpop] tune: resuming the sweep in {experiment}: finished trials are kept", flush=True)
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, param_space=param_space,
+                                   resume_unfinished=True, resume_errored=False, restart_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(metric=tc.metric, mode=tc.mode, search_alg=search_alg, scheduler=scheduler,
+                                        num_samples=tc.num_samples, max_concurrent_trials=concurrency),
+            run_config=tune.RunConfig(name=f"ray-{stage.fingerprint}", storage_path=stage.out,
+                                      failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
+        )
+    print(f"[dpop] tune: β {tc.beta} × λ {tc.dpop_lambda} ({tc.search}, {tc.num_samples} sample(s)), up to "
+          f"{concurrency} trial(s) at once, each with {cfg.train.num_workers} train worker(s)", flush=True)
+    started = time.time()
+    results = tuner.fit()
+    seconds = round(time.time() - started, 1)
+
+    rows, curves = trial_table(results, cfg, stage.out)
+    best = best_trial(rows, tc.mode)
+    with tempfile.TemporaryDirectory() as folder:
+        pq.write_table(pa.Table.from_pylist(rows), os.path.join(folder, "trials.parquet"))
+        plot_sweep(rows, curves, cfg, folder)
+        for name in ("trials.parquet", "heatmap.png", "logps_chosen.png"):
+            storage.upload_file(os.path.join(folder, name), storage.join(stage.out, name))
+    best_json = None
+    if best:
+        best_json = {"beta": best["beta"], "dpop_lambda": best["dpop_lambda"], "metric": tc.metric, "mode": tc.mode,
+                     "value": best["final_metric"], "trial_id": best["trial_id"], "status": best["status"],
+                     "model": best["model"], "checkpoint": best["checkpoint"],
+                     "metrics": {k: v for k, v in best.items() if "/" in k or k == "loss"}}
+        storage.write_json(storage.join(stage.out, "best.json"), best_json)
+    statuses = {s: sum(r["status"] == s for r in rows) for s in ("finished", "stopped_early", "failed")}
+    for r in sorted(rows, key=lambda r: (r["beta"], r["dpop_lambda"])):
+        shown = "" if r["final_metric"] is None else f" {tc.metric} {r['final_metric']:.4g}"
+        print(f"[dpop] tune: β={r['beta']:g} λ={r['dpop_lambda']:g} {r['status']} at step {r['steps']}{shown}"
+              + (f" ({r['error'][:120]})" if r["error"] else ""), flush=True)
+    if best_json:
+        print(f"[dpop] tune: best β={best['beta']:g} λ={best['dpop_lambda']:g} {tc.metric} {best['final_metric']:.4g}",
+              flush=True)
+    return {"rows": len(rows), "trials": statuses, "sweep_seconds": seconds, "max_concurrent_trials": concurrency,
+            "best": best_json}

@@ -1,0 +1,100 @@
+"""The tune stage: a β × λ sweep of distributed TorchTrainers on the one reference pass."""
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import REPO, write_config
+from pipeline.cli import main
+
+
+def manifest(run_dir, stage):
+    with open(run_dir / stage / "_manifest.json") as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def sweep_config(tmp_path_factory, tiny_model, ray_cluster):
+    """The demo config with a 2 × 2 tune section; pairs and reference run once, before any sweep."""
+    from pipeline.demo import write_demo_data
+
+    tmp = tmp_path_factory.mktemp("tune")
+    data = write_demo_data(str(tmp / "data"))
+    with open(REPO / "jobs" / "demo.yaml") as f:
+        raw = yaml.safe_load(f)
+    raw["run"].update(storage=str(tmp / "runs"), name="sweep")
+    raw["run"].pop("num_cpus")
+    raw["model"]["name_or_path"] = tiny_model
+    raw["data"]["sources"][0]["path"] = data["pairwise"]
+    raw["data"]["sources"][1]["path"] = data["conversations"]
+    raw["train"].update(max_steps=8, eval_every=4, checkpoint_every=0, log_every=4, warmup_steps=1)
+    raw["tune"] = {"beta": [0.1, 0.5], "dpop_lambda": [0.0, 50.0], "metric": "eval/loss", "mode": "min",
+                   "grace_period": 4, "max_concurrent_trials": 2}
+    config = write_config(tmp / "sweep.yaml", raw)
+    assert main(["run", config, "--stages", "pairs,reference"]) == 0
+    return config, tmp / "runs" / "sweep"
+
+
+@pytest.fixture(scope="module")
+def sweep(sweep_config):
+    config, run_dir = sweep_config
+    reference_before = manifest(run_dir, "reference")["finished_at"]
+    assert main(["run", config, "--stages", "tune"]) == 0
+    return config, run_dir, reference_before
+
+
+def test_two_by_two_sweep_shares_one_reference_pass(sweep):
+    config, run_dir, reference_before = sweep
+    assert manifest(run_dir, "reference")["finished_at"] == reference_before  # no trial recomputed it
+    tune = manifest(run_dir, "tune")
+    assert tune["inputs"] == {"reference": manifest(run_dir, "reference")["fingerprint"]}
+    assert tune["max_concurrent_trials"] == 2 and tune["trials"]["failed"] == 0
+    trials = pq.read_table(run_dir / "tune" / "trials.parquet").to_pandas()
+    assert sorted(zip(trials.beta, trials.dpop_lambda)) == [(0.1, 0.0), (0.1, 50.0), (0.5, 0.0), (0.5, 50.0)]
+    assert set(trials.status) <= {"finished", "stopped_early"} and (trials.status == "finished").any()
+    assert trials.final_metric.notna().all()
+    # Two trials ran at once: some two trials' step timestamps overlap.
+    spans = []
+    for folder in (run_dir / "tune" / "trials").iterdir():
+        times = [json.loads(line)["time"] for line in open(folder / "metrics.jsonl")]
+        spans.append((min(times), max(times)))
+    assert any(a0 < b1 and b0 < a1 for i, (a0, a1) in enumerate(spans) for b0, b1 in spans[i + 1:])
+    for name in ("heatmap.png", "logps_chosen.png"):
+        assert (run_dir / "tune" / name).stat().st_size > 10_000
+
+
+def test_best_json_is_the_best_trial_in_trials_parquet(sweep):
+    _, run_dir, _ = sweep
+    trials = pq.read_table(run_dir / "tune" / "trials.parquet").to_pandas()
+    best = json.loads((run_dir / "tune" / "best.json").read_text())
+    candidates = trials[trials.status != "failed"]
+    top = candidates.loc[candidates.final_metric.idxmin()]
+    assert (best["beta"], best["dpop_lambda"], best["value"]) == (top.beta, top.dpop_lambda, top.final_metric)
+    assert best["metric"] == "eval/loss" and best["value"] == candidates.final_metric.min()
+    if best["status"] == "finished":
+        assert (run_dir / "tune" / best["model"].split("/tune/", 1)[1] / "config.json").exists()
+
+
+def test_unfinished_sweep_keeps_its_finished_trials(sweep):
+    """Without its manifest (as after a crash) the stage restores the Tune experiment instead of starting over."""
+    config, run_dir, _ = sweep
+    before = {p.parent.name: p.stat().st_mtime for p in (run_dir / "tune" / "trials").glob("*/metrics.jsonl")}
+    (run_dir / "tune" / "_manifest.json").unlink()
+    assert main(["run", config, "--stages", "tune"]) == 0
+    after = {p.parent.name: p.stat().st_mtime for p in (run_dir / "tune" / "trials").glob("*/metrics.jsonl")}
+    assert after == before
+    assert len(pq.read_table(run_dir / "tune" / "trials.parquet")) == 4
+
+
+def test_a_failing_trial_is_recorded_and_the_others_finish(sweep_config):
+    """β = 1e38 overflows the gradients: that trial fails (non-finite gradient norm); the other one finishes."""
+    config, run_dir = sweep_config
+    assert main(["run", config, "--stages", "tune", "--set", "tune.beta=[0.1, 1.0e38]",
+                 "--set", "tune.dpop_lambda=[50.0]", "--set", "tune.scheduler=none"]) == 0
+    trials = pq.read_table(run_dir / "tune" / "trials.parquet").to_pandas().set_index("beta")
+    assert trials.loc[1e38, "status"] == "failed" and "non-finite gradient norm" in trials.loc[1e38, "error"]
+    assert trials.loc[0.1, "status"] == "finished" and trials.loc[0.1, "steps"] == 8
+    best = json.loads((run_dir / "tune" / "best.json").read_text())
+    assert best["beta"] == 0.1
+    assert manifest(run_dir, "tune")["trials"] == {"finished": 1, "stopped_early": 0, "failed": 1}
