@@ -107,16 +107,17 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _init_ray(cfg: Config) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS), else start a local one with `num_cpus` logical CPUs."""
     import ray
 
     if ray.is_initialized():
         return
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=cfg.run.num_cpus)
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
     print(f"[dpop] Ray cluster resources: {ray.cluster_resources()}", flush=True)
 
 
@@ -159,7 +160,7 @@ def run_stages(cfg: Config, only: list[str] | None = None, force: list[str] = ()
     steps = plan(cfg, only, list(force))
     if not steps:
         return {}
-    _init_ray(cfg)
+    init_ray(cfg.run.ray_address, cfg.run.num_cpus)
     expected = fingerprints(cfg)
     manifests = {}
     for stage, reason in steps:

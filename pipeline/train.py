@@ -139,6 +139,7 @@ def train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
     import ray.train.torch
+    import ray.util
     import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
@@ -184,6 +185,9 @@ def train_loop(loop_config: dict) -> None:
         if rank == 0:
             say(f"resuming from step {start_step}")
     metrics_log = MetricsLog(storage.join(out, "metrics.jsonl"), start_step) if rank == 0 else None
+    # The workers' placement group, reported so that a sweep can free it if Tune ends this run early.
+    placement_group = ray.util.get_current_placement_group()
+    reported = {"placement_group": placement_group.id.hex()} if placement_group else {}
 
     accumulation = t.batch_size // (t.micro_batch_size * world)
     pairs_per_worker_step = t.batch_size // world
@@ -255,10 +259,10 @@ def train_loop(loop_config: dict) -> None:
                 if rank == 0:
                     with open(os.path.join(folder, "trainer_state.json"), "w") as f:
                         json.dump({"step": step, "scheduler": scheduler.state_dict()}, f)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                ray.train.report({**metrics, **reported}, checkpoint=ray.train.Checkpoint.from_directory(folder),
                                  checkpoint_dir_name=f"step_{step:06d}")
         elif logged:
-            ray.train.report(metrics)
+            ray.train.report({**metrics, **reported})
 
     # Gather the sharded weights (a collective: every worker takes part); rank 0 writes the HF model.
     full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

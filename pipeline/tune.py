@@ -31,8 +31,9 @@ def trial_folder(beta: float, dpop_lambda: float, trial_id: str) -> str:
     return f"beta_{beta:g}-lambda_{dpop_lambda:g}-{trial_id}"
 
 
-def run_trial(params: dict) -> None:
-    """One Tune trial: the train stage's TorchTrainer with this trial's β and λ, reporting to Tune."""
+def run_trial(params: dict, datasets: dict) -> None:
+    """One Tune trial: the train stage's TorchTrainer with this trial's β and λ, reporting to Tune. `datasets` are
+    the reference pairs, read and materialized once by the sweep and shared by every trial."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -40,10 +41,44 @@ def run_trial(params: dict) -> None:
     cfg.train.beta, cfg.train.dpop_lambda = params["beta"], params["dpop_lambda"]
     folder = trial_folder(cfg.train.beta, cfg.train.dpop_lambda, tune.get_context().get_trial_id())
     out = storage.join(params["out"], "trials", folder)
-    datasets, _ = load_datasets(params["reference"], cfg.train)
     result = make_trainer(cfg, out, "ray-train", datasets, callbacks=[TuneReportCallback()]).fit()
     if result.error:
         raise result.error
+
+
+def release_stopped_trial_resources():
+    """A Tune callback that frees the train workers' placement group of a trial that has ended.
+
+    When ASHA stops a trial, Tune ends the trial's actor and with it the Train controller, before the controller
+    removes its workers' placement group; the group lives as long as the sweep's driver, and its CPUs are lost to
+    every later trial until the sweep hangs (ray-project/ray#54305). The workers report the group's id with their
+    metrics (`placement_group`), so the callback can remove exactly that one.
+    """
+    from ray import tune
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    class ReleaseStoppedTrialResources(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._release(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._release(trial)
+
+        def _release(self, trial):
+            group_id = (trial.last_result or {}).get("placement_group")
+            if not group_id:
+                return
+            group = PlacementGroup(ray_placement_group_id(group_id))
+            if placement_group_table(group).get("state") not in (None, "REMOVED"):
+                remove_placement_group(group)
+
+    return ReleaseStoppedTrialResources()
+
+
+def ray_placement_group_id(hex_id: str):
+    from ray._raylet import PlacementGroupID
+
+    return PlacementGroupID(bytes.fromhex(hex_id))
 
 
 def _search(tc, param_space: dict):
@@ -188,17 +223,24 @@ def sweep(cfg: Config, stage) -> dict:
     tc = cfg.tune
     # Early evaluation rows carry the metric, the steps between them do not; ASHA passes over those.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    param_space = {"config": cfg.to_dict(), "out": stage.out, "reference": stage.inputs["reference"]}
+    param_space = {"config": cfg.to_dict(), "out": stage.out}
     search_alg = _search(tc, param_space)
     scheduler = None
     if tc.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps,
                                   grace_period=min(tc.grace_period, cfg.train.max_steps), reduction_factor=2)
     concurrency = _concurrency(cfg)
-    trainable = tune.with_resources(run_trial, {"CPU": TRIAL_DRIVER_CPUS})
+    # The reference pass, read once and held in the object store for every trial. Materialized data also means a
+    # trial's trainer starts no read tasks: when a trial ends mid-epoch, no half-read pipeline keeps its CPUs.
+    datasets, info = load_datasets(stage.inputs["reference"], cfg.train)
+    datasets = {name: ds.materialize() for name, ds in datasets.items()}
+    print(f"[dpop] tune: {info['train_rows']} train / {info['eval_rows']} eval pairs from {stage.inputs['reference']}, "
+          f"shared by every trial", flush=True)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, datasets=datasets), {"CPU": TRIAL_DRIVER_CPUS})
     experiment = storage.join(stage.out, f"ray-{stage.fingerprint}")
     if tune.Tuner.can_restore(experiment):
         print(f"[dpop] tune: resuming the sweep in {experiment}: finished trials are kept", flush=True)
+        # A restored experiment keeps its RunConfig, and with it the callback that frees stopped trials' workers.
         tuner = tune.Tuner.restore(experiment, trainable=trainable, param_space=param_space,
                                    resume_unfinished=True, resume_errored=False, restart_errored=False)
     else:
@@ -208,6 +250,7 @@ def sweep(cfg: Config, stage) -> dict:
             tune_config=tune.TuneConfig(metric=tc.metric, mode=tc.mode, search_alg=search_alg, scheduler=scheduler,
                                         num_samples=tc.num_samples, max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(name=f"ray-{stage.fingerprint}", storage_path=stage.out,
+                                      callbacks=[release_stopped_trial_resources()],
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
         )
     print(f"[dpop] tune: β {tc.beta} × λ {tc.dpop_lambda} ({tc.search}, {tc.num_samples} sample(s)), up to "

@@ -28,7 +28,9 @@ def ray_cluster():
     """One local Ray cluster for the session. 8 logical CPUs on 2 cores: train workers and data tasks all fit."""
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False)
+    from pipeline.runner import init_ray
+
+    init_ray(num_cpus=8)
     yield
     ray.shutdown()
 

@@ -90,7 +90,7 @@ def test_unfinished_sweep_keeps_its_finished_trials(sweep):
 def test_a_failing_trial_is_recorded_and_the_others_finish(sweep_config):
     """β = 1e38 overflows the gradients: that trial fails (non-finite gradient norm); the other one finishes."""
     config, run_dir = sweep_config
-    assert main(["run", config, "--stages", "tune", "--set", "tune.beta=[0.1, 1.0e38]",
+    assert main(["run", config, "--stages", "tune", "--set", "tune.beta=[0.1, 1.0e+38]",
                  "--set", "tune.dpop_lambda=[50.0]", "--set", "tune.scheduler=none"]) == 0
     trials = pq.read_table(run_dir / "tune" / "trials.parquet").to_pandas().set_index("beta")
     assert trials.loc[1e38, "status"] == "failed" and "non-finite gradient norm" in trials.loc[1e38, "error"]
