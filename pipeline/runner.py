@@ -86,7 +86,9 @@ def stage_states(cfg: Config) -> list[dict]:
     for stage in STAGES:
         uri = stage_uri(cfg, stage.name)
         manifest = storage.read_json(storage.join(uri, MANIFEST))
-        if manifest is None:
+        if any(getattr(cfg, section) is None for section in stage.sections):
+            state = "off"  # its config section is absent (tune)
+        elif manifest is None:
             state = "missing"
         elif manifest.get("fingerprint") != expected[stage.name]:
             state = "stale"

@@ -55,6 +55,7 @@ def release_stopped_trial_resources():
     metrics (`placement_group`), so the callback can remove exactly that one.
     """
     from ray import tune
+    from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
     class ReleaseStoppedTrialResources(tune.Callback):
@@ -68,17 +69,11 @@ def release_stopped_trial_resources():
             group_id = (trial.last_result or {}).get("placement_group")
             if not group_id:
                 return
-            group = PlacementGroup(ray_placement_group_id(group_id))
+            group = PlacementGroup(PlacementGroupID(bytes.fromhex(group_id)))
             if placement_group_table(group).get("state") not in (None, "REMOVED"):
                 remove_placement_group(group)
 
     return ReleaseStoppedTrialResources()
-
-
-def ray_placement_group_id(hex_id: str):
-    from ray._raylet import PlacementGroupID
-
-    return PlacementGroupID(bytes.fromhex(hex_id))
 
 
 def _search(tc, param_space: dict):

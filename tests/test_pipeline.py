@@ -94,6 +94,7 @@ def test_second_run_skips_every_stage(demo, capsys):
     assert main(["status", config]) == 0
     status = capsys.readouterr().out
     assert all(f"{stage:<10} done" in status for stage in before)
+    assert "tune       off" in status  # no tune section in the demo config
 
 
 def test_changing_beta_makes_only_train_stale(demo, capsys):
