@@ -49,10 +49,11 @@ def run_trial(params: dict, datasets: dict) -> None:
 def release_stopped_trial_resources():
     """A Tune callback that frees the train workers' placement group of a trial that has ended.
 
-    When ASHA stops a trial, Tune ends the trial's actor and with it the Train controller, before the controller
-    removes its workers' placement group; the group lives as long as the sweep's driver, and its CPUs are lost to
-    every later trial until the sweep hangs (ray-project/ray#54305). The workers report the group's id with their
-    metrics (`placement_group`), so the callback can remove exactly that one.
+    A trial's TorchTrainer creates its workers' placement group from the Train controller, an actor the trial owns;
+    the group itself lives as long as the sweep's driver. When Tune ends the trial's actor (ASHA stopping it, or
+    right after it finished) the group can outlive it, and its CPUs are lost to every later trial until the sweep
+    hangs waiting for workers (seen here with Ray 2.60; ray-project/ray#54305). The workers report the group's id
+    with their metrics (`placement_group`), so the callback removes exactly that one if it is still there.
     """
     from ray import tune
     from ray._raylet import PlacementGroupID

@@ -58,4 +58,28 @@ def write_config(path, raw: dict) -> str:
     return str(path)
 
 
+def read_manifest(run_dir, stage) -> dict:
+    with open(run_dir / stage / "_manifest.json") as f:
+        return json.load(f)
+
+
+def demo_config(tmp, model: str, name: str = "demo", **train) -> str:
+    """jobs/demo.yaml with its data written to `tmp`, its storage in `tmp/runs`, `model` as the model and some
+    train keys overridden; returns the config file's path."""
+    import yaml
+
+    from pipeline.demo import write_demo_data
+
+    data = write_demo_data(str(tmp / "data"))
+    with open(REPO / "jobs" / "demo.yaml") as f:
+        raw = yaml.safe_load(f)
+    raw["run"].update(storage=str(tmp / "runs"), name=name)
+    raw["run"].pop("num_cpus")  # the session's cluster is already up
+    raw["model"]["name_or_path"] = model
+    raw["data"]["sources"][0]["path"] = data["pairwise"]
+    raw["data"]["sources"][1]["path"] = data["conversations"]
+    raw["train"].update(train)
+    return write_config(tmp / f"{name}.yaml", raw)
+
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a hub

@@ -6,9 +6,8 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
-from conftest import REPO, write_config
+from conftest import demo_config, read_manifest
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.runner import plan
@@ -17,35 +16,20 @@ METRIC_KEYS = ["step", "loss", "rewards/chosen", "rewards/rejected", "rewards/ac
                "logps/chosen", "logps/rejected", "dpop/penalty", "dpop/penalty_active"]
 
 
-def manifest(run_dir, stage):
-    with open(run_dir / stage / "_manifest.json") as f:
-        return json.load(f)
-
-
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, tiny_model, ray_cluster):
-    """jobs/demo.yaml with its paths moved into a temporary folder and fewer steps; run once for the module."""
-    from pipeline.demo import write_demo_data
-
+    """jobs/demo.yaml (2 train workers) with fewer steps, run once for the module."""
     tmp = tmp_path_factory.mktemp("demo")
-    data = write_demo_data(str(tmp / "data"))
-    with open(REPO / "jobs" / "demo.yaml") as f:
-        raw = yaml.safe_load(f)
-    raw["run"].update(storage=str(tmp / "runs"))
-    raw["run"].pop("num_cpus")  # the session's cluster is already up
-    raw["model"]["name_or_path"] = tiny_model
-    raw["data"]["sources"][0]["path"] = data["pairwise"]
-    raw["data"]["sources"][1]["path"] = data["conversations"]
-    raw["train"].update(max_steps=12, checkpoint_every=4, eval_every=4, log_every=1)
-    assert raw["train"]["num_workers"] == 2
-    config = write_config(tmp / "demo.yaml", raw)
+    config = demo_config(tmp, tiny_model, max_steps=12, checkpoint_every=4, eval_every=4, log_every=1)
+    assert load_config(config).train.num_workers == 2
     assert main(["run", config]) == 0
+    data = {"pairwise": str(tmp / "data" / "pairwise.jsonl"), "conversations": str(tmp / "data" / "conversations.jsonl")}
     return config, tmp / "runs" / "demo", data
 
 
 def test_every_output_is_there(demo):
     config, run_dir, data = demo
-    pairs = manifest(run_dir, "pairs")
+    pairs = read_manifest(run_dir, "pairs")
     lines = sum(1 for path in data.values() for _ in open(path))
     assert pairs["records_in"] == lines
     assert pairs["dropped"] == {"malformed_row": 1, "missing_field": 1, "identical": 1, "too_long": 1}
@@ -54,9 +38,9 @@ def test_every_output_is_there(demo):
     reference = pq.read_table(run_dir / "reference")
     assert reference.num_rows == pairs["rows"]
     assert reference.schema.field("ref_chosen_logp").type == pa.float64()
-    assert manifest(run_dir, "reference")["backend"] == "vllm"
+    assert read_manifest(run_dir, "reference")["backend"] == "vllm"
 
-    train = manifest(run_dir, "train")
+    train = read_manifest(run_dir, "train")
     assert train["steps"] == 12 and train["resumed_from_step"] is None
     rows = [json.loads(line) for line in open(run_dir / "train" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == list(range(1, 13))
@@ -87,10 +71,10 @@ def test_saved_model_loads_and_moved_from_the_reference(demo, tiny_model):
 
 def test_second_run_skips_every_stage(demo, capsys):
     config, run_dir, _ = demo
-    before = {s: manifest(run_dir, s)["finished_at"] for s in ("pairs", "reference", "train")}
+    before = {s: read_manifest(run_dir, s)["finished_at"] for s in ("pairs", "reference", "train")}
     assert plan(load_config(config), None, []) == []
     assert main(["run", config]) == 0
-    assert {s: manifest(run_dir, s)["finished_at"] for s in before} == before
+    assert {s: read_manifest(run_dir, s)["finished_at"] for s in before} == before
     assert main(["status", config]) == 0
     status = capsys.readouterr().out
     assert all(f"{stage:<10} done" in status for stage in before)
@@ -109,12 +93,12 @@ def test_changing_beta_makes_only_train_stale(demo, capsys):
 
 def test_force_train_reruns_only_train(demo):
     config, run_dir, _ = demo
-    before = {s: manifest(run_dir, s)["finished_at"] for s in ("pairs", "reference", "train")}
+    before = {s: read_manifest(run_dir, s)["finished_at"] for s in ("pairs", "reference", "train")}
     assert main(["run", config, "--force", "train"]) == 0
-    after = {s: manifest(run_dir, s)["finished_at"] for s in before}
+    after = {s: read_manifest(run_dir, s)["finished_at"] for s in before}
     assert after["pairs"] == before["pairs"] and after["reference"] == before["reference"]
     assert after["train"] != before["train"]
-    assert manifest(run_dir, "train")["resumed_from_step"] is None  # forced: a fresh run, not a resume
+    assert read_manifest(run_dir, "train")["resumed_from_step"] is None  # forced: a fresh run, not a resume
 
 
 def test_unfinished_train_resumes_from_latest_checkpoint(demo):
@@ -123,7 +107,7 @@ def test_unfinished_train_resumes_from_latest_checkpoint(demo):
     os.remove(run_dir / "train" / "_manifest.json")
     shutil.rmtree(run_dir / "train" / "model")
     assert main(["run", config]) == 0
-    train = manifest(run_dir, "train")
+    train = read_manifest(run_dir, "train")
     assert train["resumed_from_step"] == 8  # checkpoints at 4 and 8; the last step (12) saves the model instead
     steps = [json.loads(line)["step"] for line in open(run_dir / "train" / "metrics.jsonl")]
     assert steps == list(range(1, 13))
@@ -136,10 +120,10 @@ def test_plain_dpo_on_low_edit_distance_pairs_warns(demo):
 
     assert low_edit_distance_warning(50.0, 1.0) is None and low_edit_distance_warning(0.0, 40.0) is None
     config, run_dir, _ = demo
-    assert manifest(run_dir, "train")["warnings"] == []  # λ = 50
+    assert read_manifest(run_dir, "train")["warnings"] == []  # λ = 50
     assert main(["run", config, "--set", "train.dpop_lambda=0", "--set", "train.max_steps=2",
                  "--set", "train.warmup_steps=0", "--set", "train.eval_every=0"]) == 0
-    train = manifest(run_dir, "train")
+    train = read_manifest(run_dir, "train")
     assert train["median_edit_distance"] == 1.0
     (warning,) = train["warnings"]
     assert "plain DPO" in warning and "DPOP" in warning and "train.dpop_lambda" in warning

@@ -5,33 +5,21 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import REPO, write_config
+from conftest import demo_config, read_manifest, write_config
 from pipeline.cli import main
-
-
-def manifest(run_dir, stage):
-    with open(run_dir / stage / "_manifest.json") as f:
-        return json.load(f)
 
 
 @pytest.fixture(scope="module")
 def sweep_config(tmp_path_factory, tiny_model, ray_cluster):
-    """The demo config with a 2 × 2 tune section; pairs and reference run once, before any sweep."""
-    from pipeline.demo import write_demo_data
-
+    """The demo config with a 2 x 2 tune section; pairs and reference run once, before any sweep."""
     tmp = tmp_path_factory.mktemp("tune")
-    data = write_demo_data(str(tmp / "data"))
-    with open(REPO / "jobs" / "demo.yaml") as f:
+    config = demo_config(tmp, tiny_model, name="sweep", max_steps=8, eval_every=4, checkpoint_every=0, log_every=4,
+                         warmup_steps=1)
+    tune = {"beta": [0.1, 0.5], "dpop_lambda": [0.0, 50.0], "metric": "eval/loss", "mode": "min", "grace_period": 4,
+            "max_concurrent_trials": 2}
+    with open(config) as f:
         raw = yaml.safe_load(f)
-    raw["run"].update(storage=str(tmp / "runs"), name="sweep")
-    raw["run"].pop("num_cpus")
-    raw["model"]["name_or_path"] = tiny_model
-    raw["data"]["sources"][0]["path"] = data["pairwise"]
-    raw["data"]["sources"][1]["path"] = data["conversations"]
-    raw["train"].update(max_steps=8, eval_every=4, checkpoint_every=0, log_every=4, warmup_steps=1)
-    raw["tune"] = {"beta": [0.1, 0.5], "dpop_lambda": [0.0, 50.0], "metric": "eval/loss", "mode": "min",
-                   "grace_period": 4, "max_concurrent_trials": 2}
-    config = write_config(tmp / "sweep.yaml", raw)
+    write_config(config, {**raw, "tune": tune})
     assert main(["run", config, "--stages", "pairs,reference"]) == 0
     return config, tmp / "runs" / "sweep"
 
@@ -39,16 +27,16 @@ def sweep_config(tmp_path_factory, tiny_model, ray_cluster):
 @pytest.fixture(scope="module")
 def sweep(sweep_config):
     config, run_dir = sweep_config
-    reference_before = manifest(run_dir, "reference")["finished_at"]
+    reference_before = read_manifest(run_dir, "reference")["finished_at"]
     assert main(["run", config, "--stages", "tune"]) == 0
     return config, run_dir, reference_before
 
 
 def test_two_by_two_sweep_shares_one_reference_pass(sweep):
     config, run_dir, reference_before = sweep
-    assert manifest(run_dir, "reference")["finished_at"] == reference_before  # no trial recomputed it
-    tune = manifest(run_dir, "tune")
-    assert tune["inputs"] == {"reference": manifest(run_dir, "reference")["fingerprint"]}
+    assert read_manifest(run_dir, "reference")["finished_at"] == reference_before  # no trial recomputed it
+    tune = read_manifest(run_dir, "tune")
+    assert tune["inputs"] == {"reference": read_manifest(run_dir, "reference")["fingerprint"]}
     assert tune["max_concurrent_trials"] == 2 and tune["trials"]["failed"] == 0
     trials = pq.read_table(run_dir / "tune" / "trials.parquet").to_pandas()
     assert sorted(zip(trials.beta, trials.dpop_lambda)) == [(0.1, 0.0), (0.1, 50.0), (0.5, 0.0), (0.5, 50.0)]
@@ -97,4 +85,4 @@ def test_a_failing_trial_is_recorded_and_the_others_finish(sweep_config):
     assert trials.loc[0.1, "status"] == "finished" and trials.loc[0.1, "steps"] == 8
     best = json.loads((run_dir / "tune" / "best.json").read_text())
     assert best["beta"] == 0.1
-    assert manifest(run_dir, "tune")["trials"] == {"finished": 1, "stopped_early": 0, "failed": 1}
+    assert read_manifest(run_dir, "tune")["trials"] == {"finished": 1, "stopped_early": 0, "failed": 1}
