@@ -69,6 +69,10 @@ def test_cli_reports_config_errors_without_starting_ray(tmp_path, base, capsys):
     path = write_config(tmp_path / "c.yaml", base)
     assert main(["run", path, "--set", "train.beta=0"]) == 2
     assert "config error: train.beta: must be > 0, got 0" in capsys.readouterr().err
+    assert main(["run", path, "--stages", "pairs,trian"]) == 2
+    assert "unknown stage 'trian'; stages are pairs, reference, train, tune" in capsys.readouterr().err
+    assert main(["run", path, "--stages", "tune"]) == 2
+    assert "stage tune needs a `tune` section in the config" in capsys.readouterr().err
     assert not ray.is_initialized()
 
 
