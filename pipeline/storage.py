@@ -1,7 +1,6 @@
 """Run storage through pyarrow filesystems, so a local path and an s3:// or gs:// URI take one code path."""
 import json
 import os
-import tempfile
 
 import pyarrow.fs as pafs
 
@@ -79,6 +78,3 @@ def input_signature(uri: str) -> list:
         infos = [info]
     return sorted([i.path, i.size, i.mtime_ns] for i in infos if i.type == pafs.FileType.File)
 
-
-def local_scratch(prefix: str) -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix=f"dpop-{prefix}-")
