@@ -77,4 +77,3 @@ def input_signature(uri: str) -> list:
     else:
         infos = [info]
     return sorted([i.path, i.size, i.mtime_ns] for i in infos if i.type == pafs.FileType.File)
-
