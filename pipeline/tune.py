@@ -13,6 +13,7 @@ train outputs: metrics.jsonl, checkpoints, model/).
 import json
 import math
 import os
+import re
 import tempfile
 import time
 
@@ -107,6 +108,13 @@ def _concurrency(cfg: Config) -> int:
     return min(fits, cfg.tune.max_concurrent_trials or fits)
 
 
+def error_text(error: Exception, limit: int = 2000) -> str:
+    """A trial's error without terminal colours, keeping its end: Ray puts the remote traceback first and the
+    exception's own message last."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(error).__name__}: {error}").strip()
+    return text if len(text) <= limit else "..." + text[-limit:]
+
+
 def _latest_checkpoint(trial_out: str) -> str | None:
     import pyarrow.fs as pafs
 
@@ -142,7 +150,7 @@ def trial_table(results, cfg: Config, out: str) -> tuple[list[dict], dict[str, l
             "beta": beta,
             "dpop_lambda": dpop_lambda,
             "status": status,
-            "error": f"{type(result.error).__name__}: {result.error}"[:2000] if result.error else None,
+            "error": error_text(result.error) if result.error else None,
             "steps": final.get("step", 0),
             "metric": tc.metric,
             "final_metric": values[-1] if values else None,
@@ -273,7 +281,7 @@ def sweep(cfg: Config, stage) -> dict:
     for r in sorted(rows, key=lambda r: (r["beta"], r["dpop_lambda"])):
         shown = "" if r["final_metric"] is None else f" {tc.metric} {r['final_metric']:.4g}"
         print(f"[dpop] tune: β={r['beta']:g} λ={r['dpop_lambda']:g} {r['status']} at step {r['steps']}{shown}"
-              + (f" ({r['error'][:120]})" if r["error"] else ""), flush=True)
+              + (f" ({r['error'].splitlines()[-1][:200]})" if r["error"] else ""), flush=True)
     if best_json:
         print(f"[dpop] tune: best β={best['beta']:g} λ={best['dpop_lambda']:g} {tc.metric} {best['final_metric']:.4g}",
               flush=True)
