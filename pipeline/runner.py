@@ -119,7 +119,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        ray.init(num_cpus=num_cpus)
     print(f"[dpop] Ray cluster resources: {ray.cluster_resources()}", flush=True)
 
 

@@ -35,10 +35,12 @@ def write_text(uri: str, text: str) -> None:
     half a file."""
     fs, path = resolve(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    tmp = path + ".tmp"
-    with fs.open_output_stream(tmp) as f:
+    local = isinstance(fs, pafs.LocalFileSystem)
+    target = path + ".tmp" if local else path
+    with fs.open_output_stream(target) as f:
         f.write(text.encode())
-    fs.move(tmp, path)
+    if local:
+        fs.move(target, path)
 
 
 def read_json(uri: str) -> dict | None:

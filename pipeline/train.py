@@ -83,8 +83,8 @@ def dpop_step_stats(model, batch: dict, pad_id: int, device, beta: float, dpop_l
     from pipeline.loss import dpop_loss
 
     policy_chosen, policy_rejected = pair_logps(model, batch, pad_id, device)
-    ref_chosen = torch.as_tensor(batch["ref_chosen_logp"], dtype=torch.float32, device=device)
-    ref_rejected = torch.as_tensor(batch["ref_rejected_logp"], dtype=torch.float32, device=device)
+    ref_chosen = torch.tensor(batch["ref_chosen_logp"], dtype=torch.float32, device=device)
+    ref_rejected = torch.tensor(batch["ref_rejected_logp"], dtype=torch.float32, device=device)
     out = dpop_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, dpop_lambda)
     sums = torch.stack([
         out.losses.detach().sum(),
@@ -147,7 +147,9 @@ def train_loop(loop_config: dict) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one INFO line per report call otherwise
+    # Ray Train logs every report call, metrics and all, at INFO on a logger named by its file path (not under
+    # "ray.train"), which only the root level reaches. Our own progress lines are printed.
+    logging.getLogger().setLevel(logging.WARNING)
     cfg = config_from_dict(loop_config["config"])
     out, t = loop_config["out"], cfg.train
     context = ray.train.get_context()

@@ -1,0 +1,209 @@
+"""The cluster form, for real: a head started by cluster/start_local_head.sh (`ray start --head`, token
+authentication on), the stages submitted one by one with `ray job submit`, and run.storage on an S3 server
+(moto's) listening on loopback."""
+import json
+import logging
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import REPO, write_config
+from pipeline import storage
+
+RAY = str(Path(sys.executable).parent / "ray")
+BUCKET = "dpop"
+TERMINAL = ("succeeded", "failed", "stopped")  # as `ray job status` words them
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    """An S3 server on loopback with one bucket; the AWS variables that point pyarrow (and so Ray Data, Ray Train
+    and the manifests) at it are set here for the test's own reads, and given to the head below."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request would bury any failure
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    yield env
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key)
+        else:
+            os.environ[key] = value
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def head(s3_env):
+    """A local head with a job server; returns the environment in which `ray job ...` reaches it. Its own temp
+    dir and ports keep it apart from the session's in-process cluster, and the stop script stops only it."""
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    dashboard, agent, client = free_ports(3)
+    env = {**os.environ, **s3_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_TEMP_DIR": temp_dir,
+           "DASHBOARD_PORT": str(dashboard), "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    started = subprocess.run(["bash", "cluster/start_local_head.sh", "--port=0",
+                              f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+    yield {**env, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}"}
+    subprocess.run(["bash", "cluster/stop_local_head.sh"], cwd=REPO, env=env, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def cluster_config(tmp_path_factory, tiny_model):
+    """jobs/cluster_demo.yaml with its /tmp inputs swapped for this test's and run.storage on the S3 bucket."""
+    from pipeline.demo import write_demo_data
+
+    tmp = tmp_path_factory.mktemp("cluster")
+    data = write_demo_data(str(tmp / "data"))
+    raw = yaml.safe_load((REPO / "jobs" / "cluster_demo.yaml").read_text())
+    raw["run"]["storage"] = f"s3://{BUCKET}/runs"
+    raw["model"]["name_or_path"] = tiny_model
+    raw["data"]["sources"][0]["path"] = data["pairwise"]
+    raw["data"]["sources"][1]["path"] = data["conversations"]
+    raw["train"].update(max_steps=6, warmup_steps=1, log_every=1, eval_every=3, checkpoint_every=3)
+    return write_config(tmp / "cluster_demo.yaml", raw)
+
+
+def ray_job(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([RAY, "job", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def submit(env: dict, submission_id: str, *entrypoint: str) -> None:
+    """`ray job submit` in its cluster form, without waiting."""
+    out = ray_job(env, "submit", "--no-wait", "--submission-id", submission_id, "--working-dir", ".",
+                  "--runtime-env", "jobs/runtime_env.yaml", "--", *entrypoint)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+def wait(env: dict, submission_id: str, timeout: float = 600) -> str:
+    """Poll `ray job status` until the job ends; its final status."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = ray_job(env, "status", submission_id)
+        text = out.stdout + out.stderr
+        for status in TERMINAL:
+            if f"Job '{submission_id}' {status}" in text:
+                return status.upper()
+        time.sleep(3)
+    raise TimeoutError(f"job {submission_id} still running after {timeout} s")
+
+
+def logs(env: dict, submission_id: str) -> str:
+    return ray_job(env, "logs", submission_id).stdout
+
+
+def run_job(env: dict, submission_id: str, *entrypoint: str) -> str:
+    submit(env, submission_id, *entrypoint)
+    status = wait(env, submission_id)
+    job_logs = logs(env, submission_id)
+    assert status == "SUCCEEDED", job_logs[-5000:]
+    return job_logs
+
+
+def read_s3_manifest(run: str, stage: str) -> dict | None:
+    return storage.read_json(f"{run}/{stage}/_manifest.json")
+
+
+def test_storage_round_trip_on_s3(s3_env):
+    """The storage helpers on the object store: one PUT per file (no leftover .tmp), listing, clearing."""
+    root = f"s3://{BUCKET}/unit"
+    storage.write_json(f"{root}/a/_manifest.json", {"rows": 3})
+    assert storage.read_json(f"{root}/a/_manifest.json") == {"rows": 3}
+    assert storage.read_text(f"{root}/a/missing.json") is None
+    fs, path = storage.resolve(root)
+    assert isinstance(fs, pafs.S3FileSystem)
+    names = [i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.type == pafs.FileType.File]
+    assert names == [f"{BUCKET}/unit/a/_manifest.json"]
+    assert [entry[1] for entry in storage.input_signature(f"{root}/a")] == [len('{\n  "rows": 3\n}\n')]
+    storage.clear_dir(f"{root}/a")
+    assert not storage.exists(f"{root}/a/_manifest.json")
+
+
+def test_token_authentication_is_on(head):
+    accepted = ray_job(head, "list")
+    assert accepted.returncode == 0, accepted.stderr[-3000:]
+    refused = ray_job({**head, "RAY_AUTH_TOKEN": "not-the-token"}, "list")
+    assert refused.returncode != 0
+    assert "Invalid authentication token" in refused.stdout + refused.stderr
+
+
+def test_stages_as_separate_jobs_with_storage_on_s3(head, cluster_config):
+    """pairs, then reference, then train, each its own `ray job submit`; every output lands in the bucket."""
+    run = f"s3://{BUCKET}/runs/demo"
+    entry = ["python", "-m", "pipeline", "run", cluster_config, "--stages"]
+
+    pairs_logs = run_job(head, "dpop-pairs", *entry, "pairs")
+    assert "[dpop] pairs: done" in pairs_logs
+    pairs = read_s3_manifest(run, "pairs")
+    assert pairs is not None and pairs["rows"] > 200
+    assert read_s3_manifest(run, "reference") is None and read_s3_manifest(run, "train") is None
+
+    run_job(head, "dpop-reference", *entry, "reference")
+    reference = read_s3_manifest(run, "reference")
+    assert reference["rows"] == pairs["rows"] and reference["backend"] == "vllm"
+    assert read_s3_manifest(run, "pairs")["finished_at"] == pairs["finished_at"]  # not rerun
+
+    train_logs = run_job(head, "dpop-train", *entry, "train")
+    assert "[dpop] train: step 6/6" in train_logs
+    train = read_s3_manifest(run, "train")
+    assert train["steps"] == 6
+    assert read_s3_manifest(run, "reference")["finished_at"] == reference["finished_at"]
+
+    # The outputs, read back from S3.
+    fs, path = storage.resolve(run)
+    table = pq.read_table(f"{path}/reference", filesystem=fs)
+    assert table.num_rows == pairs["rows"]
+    assert {"ref_chosen_logp", "ref_rejected_logp"} <= set(table.column_names)
+    metrics = [json.loads(line) for line in storage.read_text(f"{run}/train/metrics.jsonl").splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    files = {i.path.removeprefix(path + "/") for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))}
+    assert {"pairs/_edit_distance.png", "train/curves.png", "train/model/config.json",
+            "train/model/model.safetensors"} <= files
+    assert any(f.startswith("train/ray-") and "/step_000003/" in f for f in files)  # Ray Train's checkpoint
+
+    status = subprocess.run([sys.executable, "-m", "pipeline", "status", cluster_config], env=head,
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    states = {line.split()[0]: line.split()[1] for line in status.stdout.splitlines()[1:]}
+    assert states == {"pairs": "done", "reference": "done", "train": "done", "tune": "off"}
+
+
+def test_bad_config_job_fails_fast_with_the_error_in_its_logs(head, cluster_config):
+    started = time.time()
+    submit(head, "dpop-bad-config", "python", "-m", "pipeline", "run", cluster_config,
+           "--set", "run.name=bad", "--set", "train.beta=-1")
+    assert wait(head, "dpop-bad-config", timeout=120) == "FAILED"
+    assert time.time() - started < 60
+    assert "dpop: config error: train.beta: must be > 0, got -1.0" in logs(head, "dpop-bad-config")
+    status = ray_job(head, "status", "dpop-bad-config")
+    assert "exit code 2" in status.stdout + status.stderr
+    assert not storage.exists(f"s3://{BUCKET}/runs/bad")
