@@ -28,7 +28,8 @@ class RunSection:
     name: str
     """Run name: every stage writes under {storage}/{name}/{stage}/."""
     storage: str
-    """A local directory or an object-store URI (s3://bucket/prefix, gs://...). Multi-node runs need shared storage."""
+    """A local directory or an object-store URI (s3://bucket/prefix, gs://...). Multi-node runs need shared storage.
+    Credentials (and AWS_ENDPOINT_URL for an S3-compatible store) come from the environment, never from here."""
     seed: int = 0
     """Seed for weight-independent randomness: data order, dropout."""
     ray_address: str | None = execution_only(None)

@@ -90,6 +90,7 @@ def cluster_config(tmp_path_factory, tiny_model):
     raw["data"]["sources"][0]["path"] = data["pairwise"]
     raw["data"]["sources"][1]["path"] = data["conversations"]
     raw["train"].update(max_steps=6, warmup_steps=1, log_every=1, eval_every=3, checkpoint_every=3)
+    raw["tune"] = {"beta": [0.1], "dpop_lambda": [0.0, 50.0], "grace_period": 3}
     return write_config(tmp / "cluster_demo.yaml", raw)
 
 
@@ -97,24 +98,19 @@ def ray_job(env: dict, *args: str, timeout: float = 120) -> subprocess.Completed
     return subprocess.run([RAY, "job", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def submit(env: dict, submission_id: str, *entrypoint: str) -> None:
-    """`ray job submit` in its cluster form, without waiting."""
-    out = ray_job(env, "submit", "--no-wait", "--submission-id", submission_id, "--working-dir", ".",
-                  "--runtime-env", "jobs/runtime_env.yaml", "--", *entrypoint)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+def submit(env: dict, submission_id: str, *entrypoint: str) -> subprocess.CompletedProcess:
+    """`ray job submit` in its cluster form. It follows the job's output until the job ends and exits 1 if the
+    job failed (one waiting process: polling `ray job status` would cost a Python start every few seconds)."""
+    return ray_job(env, "submit", "--submission-id", submission_id, "--working-dir", ".",
+                   "--runtime-env", "jobs/runtime_env.yaml", "--", *entrypoint, timeout=900)
 
 
-def wait(env: dict, submission_id: str, timeout: float = 600) -> str:
-    """Poll `ray job status` until the job ends; its final status."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        out = ray_job(env, "status", submission_id)
-        text = out.stdout + out.stderr
-        for status in TERMINAL:
-            if f"Job '{submission_id}' {status}" in text:
-                return status.upper()
-        time.sleep(3)
-    raise TimeoutError(f"job {submission_id} still running after {timeout} s")
+def final_status(env: dict, submission_id: str) -> str | None:
+    out = ray_job(env, "status", submission_id)
+    for status in TERMINAL:
+        if f"Job '{submission_id}' {status}" in out.stdout + out.stderr:
+            return status.upper()
+    return None
 
 
 def logs(env: dict, submission_id: str) -> str:
@@ -122,11 +118,11 @@ def logs(env: dict, submission_id: str) -> str:
 
 
 def run_job(env: dict, submission_id: str, *entrypoint: str) -> str:
-    submit(env, submission_id, *entrypoint)
-    status = wait(env, submission_id)
-    job_logs = logs(env, submission_id)
-    assert status == "SUCCEEDED", job_logs[-5000:]
-    return job_logs
+    """Submit, wait for SUCCEEDED; the job's logs."""
+    submitted = submit(env, submission_id, *entrypoint)
+    assert submitted.returncode == 0, submitted.stdout[-5000:] + submitted.stderr[-3000:]
+    assert final_status(env, submission_id) == "SUCCEEDED"
+    return logs(env, submission_id)
 
 
 def read_s3_manifest(run: str, stage: str) -> dict | None:
@@ -157,7 +153,8 @@ def test_token_authentication_is_on(head):
 
 
 def test_stages_as_separate_jobs_with_storage_on_s3(head, cluster_config):
-    """pairs, then reference, then train, each its own `ray job submit`; every output lands in the bucket."""
+    """pairs, then reference, then train, then a tune sweep, each its own `ray job submit`; every output lands in
+    the bucket."""
     run = f"s3://{BUCKET}/runs/demo"
     entry = ["python", "-m", "pipeline", "run", cluster_config, "--stages"]
 
@@ -178,6 +175,11 @@ def test_stages_as_separate_jobs_with_storage_on_s3(head, cluster_config):
     assert train["steps"] == 6
     assert read_s3_manifest(run, "reference")["finished_at"] == reference["finished_at"]
 
+    run_job(head, "dpop-tune", *entry, "tune")
+    tune = read_s3_manifest(run, "tune")
+    assert tune["inputs"] == {"reference": reference["fingerprint"]}
+    assert storage.read_json(f"{run}/tune/best.json")["dpop_lambda"] in (0.0, 50.0)
+
     # The outputs, read back from S3.
     fs, path = storage.resolve(run)
     table = pq.read_table(f"{path}/reference", filesystem=fs)
@@ -189,19 +191,23 @@ def test_stages_as_separate_jobs_with_storage_on_s3(head, cluster_config):
     assert {"pairs/_edit_distance.png", "train/curves.png", "train/model/config.json",
             "train/model/model.safetensors"} <= files
     assert any(f.startswith("train/ray-") and "/step_000003/" in f for f in files)  # Ray Train's checkpoint
+    trials = pq.read_table(f"{path}/tune/trials.parquet", filesystem=fs).to_pylist()
+    assert sorted(t["dpop_lambda"] for t in trials) == [0.0, 50.0]
+    assert all(t["status"] == "finished" for t in trials)
+    assert any(f.startswith("tune/ray-") and "/experiment_state-" in f for f in files)  # restorable from the bucket
 
     status = subprocess.run([sys.executable, "-m", "pipeline", "status", cluster_config], env=head,
                             capture_output=True, text=True, timeout=120)
     assert status.returncode == 0, status.stderr
     states = {line.split()[0]: line.split()[1] for line in status.stdout.splitlines()[1:]}
-    assert states == {"pairs": "done", "reference": "done", "train": "done", "tune": "off"}
+    assert states == {"pairs": "done", "reference": "done", "train": "done", "tune": "done"}
 
 
 def test_bad_config_job_fails_fast_with_the_error_in_its_logs(head, cluster_config):
     started = time.time()
-    submit(head, "dpop-bad-config", "python", "-m", "pipeline", "run", cluster_config,
-           "--set", "run.name=bad", "--set", "train.beta=-1")
-    assert wait(head, "dpop-bad-config", timeout=120) == "FAILED"
+    submitted = submit(head, "dpop-bad-config", "python", "-m", "pipeline", "run", cluster_config,
+                       "--set", "run.name=bad", "--set", "train.beta=-1")
+    assert submitted.returncode == 1 and final_status(head, "dpop-bad-config") == "FAILED"
     assert time.time() - started < 60
     assert "dpop: config error: train.beta: must be > 0, got -1.0" in logs(head, "dpop-bad-config")
     status = ray_job(head, "status", "dpop-bad-config")
