@@ -10,7 +10,6 @@ Outputs in tune/: trials.parquet (one row a trial), best.json, heatmap.png (the 
 logps_chosen.png (log p(chosen) over steps, every trial), trials/beta_<β>-lambda_<λ>-<trial id>/ (each trial's
 train outputs: metrics.jsonl, checkpoints, model/).
 """
-import json
 import math
 import os
 import re

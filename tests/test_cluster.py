@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -66,8 +67,8 @@ def head(s3_env):
     dir and ports keep it apart from the session's in-process cluster, and the stop script stops only it."""
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
     dashboard, agent, client = free_ports(3)
-    env = {**os.environ, **s3_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_TEMP_DIR": temp_dir,
-           "DASHBOARD_PORT": str(dashboard), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, **s3_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           "RAY_TEMP_DIR": temp_dir, "DASHBOARD_PORT": str(dashboard), "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
     started = subprocess.run(["bash", "cluster/start_local_head.sh", "--port=0",
                               f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}"],
@@ -75,6 +76,7 @@ def head(s3_env):
     assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
     yield {**env, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}"}
     subprocess.run(["bash", "cluster/stop_local_head.sh"], cwd=REPO, env=env, timeout=120)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
