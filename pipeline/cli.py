@@ -2,8 +2,8 @@
 import argparse
 import sys
 
-from pipeline.config import ConfigError, load_config
-from pipeline.runner import STAGE_NAMES, PlanError, run_stages, stage_states
+from pipeline.config import ConfigError, config_warnings, load_config
+from pipeline.runner import STAGE_NAMES, PlanError, StageFailed, run_stages, stage_states
 
 
 def _stage_list(text: str) -> list[str]:
@@ -29,17 +29,23 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"dpop: config error: {e}", file=sys.stderr)
         return 2
-    if args.command == "status":
-        print(f"{'stage':<10} {'state':<8} {'rows':>8}  path")
-        for row in stage_states(cfg):
-            rows = "" if row["rows"] is None else row["rows"]
-            print(f"{row['stage']:<10} {row['state']:<8} {rows:>8}  {row['path']}")
-        return 0
     try:
+        if args.command == "status":
+            print(f"{'stage':<10} {'state':<8} {'rows':>8}  path")
+            for row in stage_states(cfg):
+                rows = "" if row["rows"] is None else row["rows"]
+                why = f"  ({row['why']})" if row["why"] else ""
+                print(f"{row['stage']:<10} {row['state']:<8} {rows:>8}  {row['path']}{why}")
+            return 0
+        for warning in config_warnings(cfg):
+            print(f"[dpop] WARNING: {warning}", file=sys.stderr, flush=True)
         run_stages(cfg, args.stages, args.force)
     except PlanError as e:
         print(f"dpop: {e}", file=sys.stderr)
         return 2
+    except StageFailed as e:
+        print(f"dpop: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,27 +1,41 @@
 """The stage runner: fingerprints, manifests, skip-if-current, --force and --stages.
 
 Each stage writes {run.storage}/{run.name}/{stage}/ and, last and atomically, its `_manifest.json`. A stage's
-fingerprint hashes the config sections it reads and its upstream stage's fingerprint, so a change reaches exactly
-the stages downstream of it.
+fingerprint hashes its parts: the config sections it reads, the content it reads from outside the run (model,
+tokenizer, data files: pipeline/fingerprint.py), the seed where it uses one, and its upstream stage's fingerprint,
+so a change reaches exactly the stages downstream of it. Each manifest also records the `run_id` of the upstream
+output it read: a stage whose upstream was rerun since (a forced rerun makes new output from the same config) is
+stale too.
 """
-import hashlib
 import importlib
 import importlib.metadata
-import json
 import os
 import platform
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from pipeline import storage
 from pipeline.config import Config, fingerprint_view
+from pipeline.fingerprint import ModelNotFound, digest, model_identity, source_identity
 
 MANIFEST = "_manifest.json"
+STARTED = "_started.json"
 
 
 class PlanError(ValueError):
-    """The requested stages cannot run (unknown stage, upstream output missing or stale); nothing has started."""
+    """The requested stages cannot run (unknown stage, upstream output missing or stale, run folder in use, GPUs
+    the cluster lacks); no stage has started."""
+
+
+class StageFailed(RuntimeError):
+    """A stage ran but its output must not be used (every row dropped, too many dropped). `fields` go into a
+    manifest with status `failed`: the drop counts stay on record, and the stage is not done."""
+
+    def __init__(self, message: str, fields: dict):
+        super().__init__(message)
+        self.fields = fields
 
 
 @dataclass(frozen=True)
@@ -31,18 +45,34 @@ class Stage:
     """The upstream stage whose output this one reads."""
     sections: tuple[str, ...]
     """Config sections that decide this stage's output."""
+    reads: tuple[str, ...]
+    """Content from outside the run that decides its output (keys of CONTENT): it enters the fingerprint."""
     entry: str
     """`module:function` taking (cfg, StageContext) and returning manifest fields; imported only when run."""
     resumable: bool = False
-    """Keep the partial output of an unfinished run (training checkpoints) instead of clearing it."""
+    """Keep the partial output of an unfinished run of the same fingerprint and upstream output (reference files,
+    training checkpoints) instead of clearing it."""
 
+
+CONTENT = {
+    # The tokenizer files and chat template: the token ids and texts of the pairs (weights left out).
+    "tokenizer": lambda cfg: model_identity(cfg.model.tokenizer or cfg.model.name_or_path, weights=False),
+    # Every file of the model, weights by size and time: what the reference and the policy start from.
+    "model": lambda cfg: model_identity(cfg.model.name_or_path),
+    "sources": lambda cfg: [source_identity(s.path, s.subset, s.split) for s in cfg.data.sources],
+    # Only the stages that draw random numbers: a new seed must not rerun the reference pass.
+    "seed": lambda cfg: cfg.run.seed,
+}
 
 STAGES = (
-    Stage("pairs", None, ("model", "data"), "pipeline.pairs:build_pairs"),
-    Stage("reference", "pairs", ("model", "reference"), "pipeline.reference:compute_reference"),
-    Stage("train", "reference", ("model", "train"), "pipeline.train:train_policy", resumable=True),
+    Stage("pairs", None, ("model", "data"), ("tokenizer", "sources"), "pipeline.pairs:build_pairs"),
+    Stage("reference", "pairs", ("model", "reference"), ("model",), "pipeline.reference:compute_reference",
+          resumable=True),
+    Stage("train", "reference", ("model", "train"), ("model", "seed"), "pipeline.train:train_policy",
+          resumable=True),
     # Reads the same reference output as train, so a sweep never recomputes reference log-probs.
-    Stage("tune", "reference", ("model", "train", "tune"), "pipeline.tune:sweep", resumable=True),
+    Stage("tune", "reference", ("model", "train", "tune"), ("model", "seed"), "pipeline.tune:sweep",
+          resumable=True),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -54,48 +84,76 @@ class StageContext:
     inputs: dict[str, str]
     """Upstream stage name -> its folder."""
     fingerprint: str
+    resuming: bool = False
+    """The folder holds the partial output of an interrupted run of this same stage (same fingerprint, same
+    upstream output): keep what it finished."""
 
 
 def stage_uri(cfg: Config, name: str) -> str:
     return storage.join(cfg.run.storage, cfg.run.name, name)
 
 
-def fingerprints(cfg: Config) -> dict[str, str]:
-    """Each stage's expected fingerprint from the config (and, for pairs, the source files' sizes and times)."""
-    out: dict[str, str] = {}
+def fingerprint_parts(cfg: Config) -> dict[str, dict[str, str]]:
+    """Each stage's fingerprint parts: its config, each content it reads, and its upstream's fingerprint."""
+    content = {}
+
+    def read(key: str) -> str:
+        if key not in content:
+            try:
+                content[key] = digest(CONTENT[key](cfg))
+            except ModelNotFound as e:
+                raise PlanError(f"model.name_or_path: {e}") from None
+        return content[key]
+
+    parts: dict[str, dict[str, str]] = {}
     for stage in STAGES:
-        payload = {
-            "stage": stage.name,
-            "config": {s: fingerprint_view(getattr(cfg, s)) for s in stage.sections if getattr(cfg, s) is not None},
-            "upstream": out.get(stage.needs),
-            "seed": cfg.run.seed,
+        if any(getattr(cfg, section) is None for section in stage.sections):
+            continue  # an unconfigured stage (tune) has nothing to fingerprint
+        parts[stage.name] = {
+            "config": digest({s: fingerprint_view(getattr(cfg, s)) for s in stage.sections}),
+            **{key: read(key) for key in stage.reads},
+            "upstream": digest(parts[stage.needs]) if stage.needs else "",
         }
-        if stage.name == "pairs":
-            payload["sources"] = [
-                storage.input_signature(s.path) if not s.path.startswith("hf:") else s.path for s in cfg.data.sources
-            ]
-        blob = json.dumps(payload, sort_keys=True, default=str).encode()
-        out[stage.name] = hashlib.sha256(blob).hexdigest()[:16]
-    return out
+    return parts
 
 
-def stage_states(cfg: Config) -> list[dict]:
-    """For `dpop status`: each stage's state (done, stale, missing), rows and path."""
-    expected = fingerprints(cfg)
+def _why_stale(manifest: dict, expected_parts: dict, upstream: dict | None) -> str | None:
+    """None when the manifest is current; else what changed, in words."""
+    recorded = manifest.get("fingerprint_parts") or {}
+    changed = [key for key, value in expected_parts.items() if recorded.get(key) != value]
+    if changed:
+        return "changed: " + ", ".join(changed)
+    if upstream is not None:
+        (name, read), = manifest.get("inputs", {}).items()
+        if not isinstance(read, dict) or read.get("run_id") != upstream.get("run_id"):
+            return f"{name} was rerun since"
+    return None
+
+
+def stage_states(cfg: Config, expected: dict | None = None) -> list[dict]:
+    """For `dpop status`: each stage's state (done, stale, missing, failed, off), why, rows and path. `expected`:
+    fingerprint_parts(cfg), when the caller has them already."""
+    expected = expected or fingerprint_parts(cfg)
+    manifests, states = {}, {}
     rows = []
     for stage in STAGES:
         uri = stage_uri(cfg, stage.name)
-        manifest = storage.read_json(storage.join(uri, MANIFEST))
-        if any(getattr(cfg, section) is None for section in stage.sections):
+        manifest = manifests[stage.name] = storage.read_json(storage.join(uri, MANIFEST))
+        why = None
+        if stage.name not in expected:
             state = "off"  # its config section is absent (tune)
         elif manifest is None:
             state = "missing"
-        elif manifest.get("fingerprint") != expected[stage.name]:
-            state = "stale"
+        elif manifest.get("status") == "failed":
+            state, why = "failed", manifest.get("error")
         else:
-            state = "done"
-        rows.append({"stage": stage.name, "state": state, "rows": (manifest or {}).get("rows"), "path": uri,
-                     "manifest": manifest})
+            why = _why_stale(manifest, expected[stage.name], manifests.get(stage.needs))
+            if not why and stage.needs and states.get(stage.needs) == "stale":
+                why = f"{stage.needs} is stale"  # built on output that is itself out of date
+            state = "stale" if why else "done"
+        states[stage.name] = state
+        rows.append({"stage": stage.name, "state": state, "why": why, "rows": (manifest or {}).get("rows"),
+                     "path": uri, "manifest": manifest})
     return rows
 
 
@@ -123,17 +181,24 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     print(f"[dpop] Ray cluster resources: {ray.cluster_resources()}", flush=True)
 
 
-def plan(cfg: Config, only: list[str] | None, force: list[str]) -> list[tuple[Stage, str]]:
-    """Which stages run and why, checked before any work starts."""
+def _check_requested(cfg: Config, only: list[str] | None, force: list[str]) -> list[str]:
+    """The stage names asked for exist and are configured (before any file is read); returns the configured ones."""
     for name in [*(only or []), *force]:
         if name not in STAGE_NAMES:
             raise PlanError(f"unknown stage {name!r}; stages are {', '.join(STAGE_NAMES)}")
-    states = {row["stage"]: row["state"] for row in stage_states(cfg)}
     # A stage whose config section is absent (tune) runs only when asked for, and then needs the section.
     configured = [s.name for s in STAGES if all(getattr(cfg, section) is not None for section in s.sections)]
     for name in [*(only or []), *force]:
         if name not in configured:
             raise PlanError(f"stage {name} needs a `{name}` section in the config")
+    return configured
+
+
+def plan(cfg: Config, only: list[str] | None, force: list[str],
+         expected: dict | None = None) -> list[tuple[Stage, str]]:
+    """Which stages run and why, checked before any work starts."""
+    configured = _check_requested(cfg, only, force)
+    states = {row["stage"]: row["state"] for row in stage_states(cfg, expected)}
     selected = only or configured
     will_be_done = {name for name, state in states.items() if state == "done"}
     steps = []
@@ -157,36 +222,73 @@ def plan(cfg: Config, only: list[str] | None, force: list[str]) -> list[tuple[St
     return steps
 
 
+def check_gpus(cfg: Config, stages: list[Stage]) -> None:
+    """Fail in seconds, naming the key, where a stage asks for more GPUs than the cluster has: Ray would wait for
+    them forever. (`use_gpu: true` is the default, and a laptop has no GPU.)"""
+    import ray
+
+    have = ray.cluster_resources().get("GPU", 0)
+    needs = {}
+    names = {s.name for s in stages}
+    if "reference" in names and cfg.reference.use_gpu:
+        needs["reference.use_gpu"] = cfg.reference.tensor_parallel_size
+    if names & {"train", "tune"} and cfg.train.use_gpu:
+        needs["train.use_gpu"] = cfg.train.num_workers
+    for key, count in needs.items():
+        if have < count:
+            raise PlanError(f"{key} is true, which needs {count} GPU(s), but the Ray cluster has {have:g}: set "
+                            f"{key}=false to run on CPUs, or join a cluster with GPUs (run.ray_address)")
+
+
 def run_stages(cfg: Config, only: list[str] | None = None, force: list[str] = ()) -> dict[str, dict]:
-    """Run the planned stages in order; returns each run stage's manifest."""
-    steps = plan(cfg, only, list(force))
+    """Run the planned stages in order, holding the run folder's lock; returns each run stage's manifest."""
+    _check_requested(cfg, only, list(force))
+    expected_parts = fingerprint_parts(cfg)  # once: data files on object stores are read to digest them
+    steps = plan(cfg, only, list(force), expected_parts)
     if not steps:
         return {}
-    init_ray(cfg.run.ray_address, cfg.run.num_cpus)
-    expected = fingerprints(cfg)
+    with RunLock(storage.join(cfg.run.storage, cfg.run.name)):
+        init_ray(cfg.run.ray_address, cfg.run.num_cpus)
+        check_gpus(cfg, [stage for stage, _ in steps])
+        return _run_steps(cfg, steps, expected_parts)
+
+
+def _run_steps(cfg: Config, steps: list[tuple[Stage, str]], expected_parts: dict) -> dict[str, dict]:
     manifests = {}
     for stage, reason in steps:
         out = stage_uri(cfg, stage.name)
         manifest_uri = storage.join(out, MANIFEST)
-        resuming = stage.resumable and reason == "missing"
+        fingerprint = digest(expected_parts[stage.name])
+        inputs = {}
+        if stage.needs:
+            upstream = storage.read_json(storage.join(stage_uri(cfg, stage.needs), MANIFEST))
+            inputs[stage.needs] = {"fingerprint": upstream["fingerprint"], "run_id": upstream.get("run_id")}
+        # Written first: partial output is resumed only by a run of the same stage on the same upstream output.
+        marker_uri, marker = storage.join(out, STARTED), {"fingerprint": fingerprint, "inputs": inputs}
+        resuming = stage.resumable and reason == "missing" and storage.read_json(marker_uri) == marker
         if not resuming:
             storage.clear_dir(out)
-        elif storage.exists(manifest_uri):
-            storage.clear_dir(out)
-        print(f"[dpop] {stage.name}: running ({reason}) -> {out}", flush=True)
+            storage.write_json(marker_uri, marker)
+        print(f"[dpop] {stage.name}: {'resuming' if resuming else 'running'} ({reason}) -> {out}", flush=True)
         module, function = stage.entry.split(":")
         entry = getattr(importlib.import_module(module), function)
         context = StageContext(
             out=out,
             inputs={stage.needs: stage_uri(cfg, stage.needs)} if stage.needs else {},
-            fingerprint=expected[stage.name],
+            fingerprint=fingerprint,
+            resuming=resuming,
         )
         started = time.time()
-        fields = entry(cfg, context)
+        try:
+            fields, error = entry(cfg, context), None
+        except StageFailed as failure:
+            fields, error = {**failure.fields, "status": "failed", "error": str(failure)}, failure
         manifest = {
             "stage": stage.name,
-            "fingerprint": expected[stage.name],
-            "inputs": {stage.needs: expected[stage.needs]} if stage.needs else {},
+            "run_id": uuid.uuid4().hex,
+            "fingerprint": fingerprint,
+            "fingerprint_parts": expected_parts[stage.name],
+            "inputs": inputs,
             "config": {s: fingerprint_view(getattr(cfg, s)) for s in stage.sections},
             "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
             "finished_at": datetime.now(timezone.utc).isoformat(),
@@ -195,6 +297,78 @@ def run_stages(cfg: Config, only: list[str] | None = None, force: list[str] = ()
             **fields,
         }
         storage.write_json(manifest_uri, manifest)
+        if error:
+            raise error
         manifests[stage.name] = manifest
         print(f"[dpop] {stage.name}: done in {manifest['seconds']:.1f}s, rows {manifest.get('rows')}", flush=True)
     return manifests
+
+
+class RunLock:
+    """`{run}/_lock.json` while a `dpop run` works on a run folder, so a second run (a job submitted twice) refuses
+    at once instead of both writing the same stages.
+
+    The file names its holder (host, pid, process start time, start and heartbeat times). A lock is taken over when
+    its holder is dead: on the same host, when that process no longer exists (or its pid now belongs to a newer
+    process); from another host, when its heartbeat, refreshed every HEARTBEAT_SECONDS, is older than STALE_SECONDS.
+    """
+    HEARTBEAT_SECONDS = 30
+    STALE_SECONDS = 300
+
+    def __init__(self, run_uri: str):
+        import socket
+
+        import psutil
+
+        self.uri = storage.join(run_uri, "_lock.json")
+        me = psutil.Process()
+        self.holder = {"host": socket.gethostname(), "pid": me.pid, "process_started": me.create_time(),
+                       "started_at": datetime.now(timezone.utc).isoformat()}
+        self._stop = None
+
+    @staticmethod
+    def holder_is_alive(holder: dict) -> bool:
+        import socket
+
+        import psutil
+
+        if holder.get("host") != socket.gethostname():
+            return time.time() - holder.get("heartbeat", 0) < RunLock.STALE_SECONDS
+        try:
+            return abs(psutil.Process(holder["pid"]).create_time() - holder["process_started"]) < 1
+        except (psutil.NoSuchProcess, KeyError):
+            return False
+
+    def _write(self) -> None:
+        storage.write_json(self.uri, {**self.holder, "heartbeat": time.time()})
+
+    def __enter__(self):
+        import threading
+
+        held = storage.read_json(self.uri)
+        if held and self.holder_is_alive(held):
+            raise PlanError(f"run folder {self.uri.rsplit('/', 1)[0]} is in use by another dpop run: host "
+                            f"{held['host']}, pid {held['pid']}, started {held['started_at']} (lock {self.uri}); "
+                            f"wait for it, or stop it")
+        if held:
+            print(f"[dpop] taking over the lock of a dead run (host {held['host']}, pid {held['pid']}, started "
+                  f"{held['started_at']})", flush=True)
+        self._write()
+        written = storage.read_json(self.uri) or {}
+        if (written.get("host"), written.get("pid")) != (self.holder["host"], self.holder["pid"]):
+            raise PlanError(f"run folder {self.uri.rsplit('/', 1)[0]} was taken by another dpop run starting at the "
+                            f"same time: host {written.get('host')}, pid {written.get('pid')}")
+        self._stop = threading.Event()
+
+        def beat():
+            while not self._stop.wait(self.HEARTBEAT_SECONDS):
+                self._write()
+
+        threading.Thread(target=beat, name="dpop-run-lock", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        fs, path = storage.resolve(self.uri)
+        fs.delete_file(path)
+        return False

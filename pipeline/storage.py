@@ -21,6 +21,19 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def list_files(uri: str, recursive: bool = True) -> list[tuple[str, pafs.FileInfo]]:
+    """(URI, info) of each file under a folder (or of the file itself), sorted; [] when nothing is there. Each URI
+    keeps the scheme of `uri`, so it can go back to any function here."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [(uri, info)]
+    if info.type != pafs.FileType.Directory:
+        return []
+    found = fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
+    return sorted((join(uri, i.path[len(path):].lstrip("/")), i) for i in found if i.type == pafs.FileType.File)
+
+
 def read_text(uri: str) -> str | None:
     fs, path = resolve(uri)
     try:
@@ -43,6 +56,18 @@ def write_text(uri: str, text: str) -> None:
         fs.move(target, path)
 
 
+def write_parquet(table, uri: str) -> None:
+    """Write a whole Parquet file, atomically as write_text does."""
+    import pyarrow.parquet as pq
+
+    fs, path = resolve(uri)
+    local = isinstance(fs, pafs.LocalFileSystem)
+    target = path + ".tmp" if local else path
+    pq.write_table(table, target, filesystem=fs)
+    if local:
+        fs.move(target, path)
+
+
 def read_json(uri: str) -> dict | None:
     text = read_text(uri)
     return None if text is None else json.loads(text)
@@ -50,6 +75,11 @@ def read_json(uri: str) -> dict | None:
 
 def write_json(uri: str, obj) -> None:
     write_text(uri, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def delete_file(uri: str) -> None:
+    fs, path = resolve(uri)
+    fs.delete_file(path)
 
 
 def clear_dir(uri: str) -> None:
@@ -68,14 +98,3 @@ def upload_file(local_path: str, uri: str) -> None:
     fs, path = resolve(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     pafs.copy_files(local_path, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-
-
-def input_signature(uri: str) -> list:
-    """Size and modification time of every file under `uri`: cheap, and changes when the data does."""
-    fs, path = resolve(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.Directory:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    else:
-        infos = [info]
-    return sorted([i.path, i.size, i.mtime_ns] for i in infos if i.type == pafs.FileType.File)

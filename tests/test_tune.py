@@ -36,7 +36,8 @@ def test_two_by_two_sweep_shares_one_reference_pass(sweep):
     config, run_dir, reference_before = sweep
     assert read_manifest(run_dir, "reference")["finished_at"] == reference_before  # no trial recomputed it
     tune = read_manifest(run_dir, "tune")
-    assert tune["inputs"] == {"reference": read_manifest(run_dir, "reference")["fingerprint"]}
+    reference = read_manifest(run_dir, "reference")
+    assert tune["inputs"] == {"reference": {"fingerprint": reference["fingerprint"], "run_id": reference["run_id"]}}
     assert tune["max_concurrent_trials"] == 2 and tune["trials"]["failed"] == 0
     trials = pq.read_table(run_dir / "tune" / "trials.parquet").to_pandas()
     assert sorted(zip(trials.beta, trials.dpop_lambda)) == [(0.1, 0.0), (0.1, 50.0), (0.5, 0.0), (0.5, 50.0)]
