@@ -107,6 +107,17 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool):
     return tokenizer
 
 
+def _render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The chat template's text; a template that rejects the conversation (roles out of order, a role it does not
+    know) is a `template_error` drop for that row, not a crash of the stage."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:
+        raise Drop("template_error", f"{type(e).__name__}: {e}") from None
+
+
 def tokenize_pair(pair: RawPair, tokenizer, max_prompt_length: int, max_length: int) -> dict:
     """Text as the model sees it and its token ids, truncated by the module's rule; raises Drop."""
     if isinstance(pair.prompt, str):
@@ -122,10 +133,10 @@ def tokenize_pair(pair: RawPair, tokenizer, max_prompt_length: int, max_length: 
         if not tokenizer.chat_template:
             raise ValueError(f"a source holds chat messages but tokenizer {tokenizer.name_or_path!r} has no chat "
                              "template; set model.tokenizer to one that has")
-        prompt_text = tokenizer.apply_chat_template(pair.prompt, tokenize=False, add_generation_prompt=True)
+        prompt_text = _render_chat(tokenizer, pair.prompt, add_generation_prompt=True)
         completions = []
         for messages in (pair.chosen, pair.rejected):
-            full = tokenizer.apply_chat_template(pair.prompt + messages, tokenize=False)
+            full = _render_chat(tokenizer, pair.prompt + messages)
             if not full.startswith(prompt_text):
                 raise Drop("template_mismatch", "the chat template renders the prompt differently with the answer")
             completions.append(full[len(prompt_text):])
@@ -163,12 +174,16 @@ def build_batch(batch: pa.Table, config: dict) -> pa.Table:
         for name in WORK_SCHEMA.names:
             out[name].append(row.get(name))
 
-    def drop_row(source: str, drop: Drop) -> dict:
-        return {"pair_id": "", "source": source, "drop_reason": drop.reason, "drop_detail": drop.detail[:300]}
+    def drop_row(source: str, origin: str, drop: Drop) -> dict:
+        detail = f"{origin}: {drop.detail}" if origin else drop.detail
+        return {"pair_id": "", "source": source, "drop_reason": drop.reason, "drop_detail": detail[:300]}
 
-    for source_index, record in zip(batch["source_index"].to_pylist(), batch["record"].to_pylist()):
+    for source_index, record, origin, read_error in zip(batch["source_index"].to_pylist(), batch["record"].to_pylist(),
+                                                        batch["origin"].to_pylist(), batch["read_error"].to_pylist()):
         source = data["sources"][source_index]
         try:
+            if read_error:
+                raise Drop(*read_error.split(": ", 1))
             try:
                 row = json.loads(record)
             except json.JSONDecodeError as e:
@@ -177,13 +192,13 @@ def build_batch(batch: pa.Table, config: dict) -> pa.Table:
                 raise Drop("malformed_row", f"not a JSON object: {record[:200]}")
             raw_pairs = PARSERS[source["format"]](row, source)
         except Drop as drop:
-            emit(drop_row(source["name"], drop), first=True)
+            emit(drop_row(source["name"], origin, drop), first=True)
             continue
         for i, raw in enumerate(raw_pairs):
             try:
                 pair = tokenize_pair(raw, tokenizer, data["max_prompt_length"], data["max_length"])
             except Drop as drop:
-                emit(drop_row(source["name"], drop), first=i == 0)
+                emit(drop_row(source["name"], origin, drop), first=i == 0)
                 continue
             pair.update(
                 pair_id=stable_hash(pair["prompt"], pair["chosen"], pair["rejected"]),
@@ -213,85 +228,159 @@ def kept_pairs(table: pa.Table) -> pa.Table:
     return kept.select(PAIR_SCHEMA.names).cast(PAIR_SCHEMA)
 
 
+# Every reader yields these columns: one JSON text per input row, where it came from (file and line or row, for
+# drop details), and a reader error ("reason: detail", or "") for rows that could not even be read as text.
+RECORD_SCHEMA = pa.schema([("record", pa.string()), ("origin", pa.string()), ("read_error", pa.string())])
+
+
+def _record_table(rows: list[tuple[str, str, str]]) -> pa.Table:
+    return pa.Table.from_pylist([dict(zip(RECORD_SCHEMA.names, row)) for row in rows], schema=RECORD_SCHEMA)
+
+
 def _records(table: pa.Table) -> pa.Table:
     """Columnar rows (Parquet, Hugging Face) -> one JSON record per row, the form every parser reads."""
-    return pa.table({"record": [json.dumps(r, default=str) for r in table.to_pylist()]})
+    paths = table["path"].to_pylist() if "path" in table.column_names else [""] * table.num_rows
+    rows = table.drop_columns([c for c in ("path",) if c in table.column_names]).to_pylist()
+    return _record_table([(json.dumps(r, default=str), os.path.basename(p), "") for r, p in zip(rows, paths)])
+
+
+def _decoded_lines(blob: bytes):
+    """(line number, text or None, error) for each non-empty line. Lines end at b"\n" only: JSON allows U+2028
+    and U+2029 inside strings, and str.splitlines (which Ray's text reader uses) would cut a record there."""
+    for number, raw in enumerate(blob.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            yield number, raw.decode("utf-8").rstrip("\r"), ""
+        except UnicodeDecodeError as e:
+            yield number, None, f"invalid_utf8: {e.reason} at byte {e.start}"
+
+
+def _jsonl_records(table: pa.Table) -> pa.Table:
+    """JSON lines files (plain or compressed: Ray's reader decompresses by extension), one record a line."""
+    rows = []
+    for blob, path in zip(table["bytes"].to_pylist(), table["path"].to_pylist()):
+        name = os.path.basename(path)
+        rows += [(text or "", f"{name} line {number}", error) for number, text, error in _decoded_lines(blob)]
+    return _record_table(rows)
 
 
 def _json_records(table: pa.Table) -> pa.Table:
     """A whole .json file: a list of objects, one object, or (despite the name) JSON lines."""
-    records = []
-    for blob in table["bytes"].to_pylist():
-        text = blob.decode()
+    rows = []
+    for blob, path in zip(table["bytes"].to_pylist(), table["path"].to_pylist()):
+        name = os.path.basename(path)
         try:
-            parsed = json.loads(text)
-            rows = parsed if isinstance(parsed, list) else [parsed]
-            records.extend(json.dumps(r) for r in rows)
-        except json.JSONDecodeError:
-            records.extend(line for line in text.splitlines() if line.strip())
-    return pa.table({"record": records})
+            parsed = json.loads(blob.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            rows += [(text or "", f"{name} line {number}", error) for number, text, error in _decoded_lines(blob)]
+            continue
+        items = parsed if isinstance(parsed, list) else [parsed]
+        rows += [(json.dumps(item), f"{name} item {i}", "") for i, item in enumerate(items)]
+    return _record_table(rows)
 
 
 def _hellaswag_text_records(table: pa.Table) -> pa.Table:
     """HellaSwag's six-line text layout: "activity: context", the right ending's index, then the four endings.
-    (Ray's file reader has already undone any .bz2 compression, from the extension.)"""
-    records = []
-    for blob in table["bytes"].to_pylist():
-        lines = blob.decode().split("\n")
-        lines = lines[: len(lines) - len(lines) % 6]  # a trailing newline leaves one empty line
-        for start in range(0, len(lines), 6):
+    (Ray's file reader has already undone any .bz2 compression, from the extension.) Trailing lines that do not
+    make a whole item are one `incomplete_record` drop."""
+    rows = []
+    for blob, path in zip(table["bytes"].to_pylist(), table["path"].to_pylist()):
+        name = os.path.basename(path)
+        try:
+            lines = blob.decode("utf-8").split("\n")
+        except UnicodeDecodeError as e:
+            rows.append(("", name, f"invalid_utf8: {e.reason} at byte {e.start}"))
+            continue
+        if lines and lines[-1] == "":
+            lines.pop()  # the file's final newline
+        whole = len(lines) - len(lines) % 6
+        for start in range(0, whole, 6):
             context, label, *endings = lines[start:start + 6]
-            records.append(json.dumps({"ctx": context, "label": label, "endings": endings}))
-    return pa.table({"record": records})
+            rows.append((json.dumps({"ctx": context, "label": label, "endings": endings}),
+                         f"{name} line {start + 1}", ""))
+        if whole < len(lines):
+            rows.append(("", f"{name} line {whole + 1}", f"incomplete_record: {len(lines)} lines, not a multiple of "
+                                                         f"6; the last {len(lines) - whole} are not a whole item"))
+    return _record_table(rows)
 
 
-READERS = {".jsonl": "JSON lines", ".json": "JSON", ".parquet": "Parquet", ".txt": "HellaSwag text",
-           ".txt.bz2": "HellaSwag text"}
+READERS = {".jsonl": "JSON lines", ".json": "JSON", ".parquet": "Parquet", ".txt": "HellaSwag text"}
+COMPRESSION = (".gz", ".bz2", ".zst", ".lz4")  # what pyarrow's input streams decompress, detected by extension
+IGNORED = ("_", ".")  # _SUCCESS, _manifest.json, .DS_Store, .cache/: bookkeeping, not data
 
 
 def _extension(name: str) -> str:
-    name = name.lower()
-    return ".txt.bz2" if name.endswith(".txt.bz2") else os.path.splitext(name)[1]
+    """The data kind of a file name, compression suffix aside: x.jsonl.gz -> .jsonl, x.txt.bz2 -> .txt."""
+    stem = name.lower()
+    for suffix in COMPRESSION:
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    return os.path.splitext(stem)[1]
 
 
-def _file_kind(path: str) -> str:
-    """The reader a local path or URI needs, from its extension (or its files' extensions for a folder)."""
-    fs, inner = storage.resolve(path)
-    names = [inner]
-    if fs.get_file_info(inner).type.name == "Directory":
-        import pyarrow.fs as pafs
+def is_saved_hf_dataset(path: str) -> bool:
+    """A folder written by `datasets`' save_to_disk: Arrow shards plus JSON metadata files that are not data."""
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f))
+                                       for f in ("state.json", "dataset_dict.json"))
 
-        names = [i.path for i in fs.get_file_info(pafs.FileSelector(inner, recursive=True)) if i.is_file]
-    kinds = {_extension(n) for n in names} & set(READERS)
-    if len(kinds) != 1:
-        raise ValueError(f"{path}: expected files of one kind among {', '.join(READERS)}; found {sorted(kinds) or 'none'}")
-    return kinds.pop()
+
+def source_files(path: str) -> tuple[str, list[str]]:
+    """The reader kind of a local path or URI and the data files to read. A folder must hold one kind of data file
+    (compressed or not); a file of another kind in it is an error that names it, never silently skipped."""
+    listed = storage.list_files(path)
+    if not listed:
+        raise FileNotFoundError(f"{path}: no such file or folder (or an empty one)")
+    files = [uri for uri, _ in listed
+             if not any(part.startswith(IGNORED) for part in uri[len(path.rstrip("/")):].split("/") if part)]
+    kinds = {}
+    for name in files:
+        kinds.setdefault(_extension(name), []).append(name)
+    unknown = {k: v for k, v in kinds.items() if k not in READERS}
+    if unknown or len(kinds) != 1:
+        listing = "; ".join(f"{k or 'no extension'}: {', '.join(os.path.basename(n) for n in v[:3])}"
+                            for k, v in sorted(kinds.items()))
+        raise ValueError(f"{path}: expected data files of one kind among {', '.join(READERS)} (optionally "
+                         f"{'/'.join(COMPRESSION)}); found {listing or 'no files'}")
+    kind = next(iter(kinds))
+    if kind == ".parquet":
+        import pyarrow.parquet as pq
+
+        for uri in files:
+            fs, inner = storage.resolve(uri)
+            try:
+                pq.read_metadata(inner, filesystem=fs)  # a truncated file has no footer
+            except (pa.ArrowInvalid, OSError) as e:
+                raise ValueError(f"{uri}: not a readable Parquet file ({e})") from None
+    return kind, files
 
 
 def read_source(source: dict):
-    """One source as a Ray Dataset with a `record` column (one JSON text per input row)."""
+    """One source as a Ray Dataset of RECORD_SCHEMA rows (one JSON text per input row)."""
     import ray
 
     path = source["path"]
-    if path.startswith("hf:"):
+    if path.startswith("hf:") or is_saved_hf_dataset(path):
         import datasets
 
-        hf = datasets.load_dataset(path[3:], source["subset"], split=source["split"])
+        if path.startswith("hf:"):
+            hf = datasets.load_dataset(path[3:], source["subset"], split=source["split"])
+        else:
+            hf = datasets.load_from_disk(path)
+            if isinstance(hf, datasets.DatasetDict):
+                if source["split"] not in hf:
+                    raise ValueError(f"{path}: saved dataset has splits {sorted(hf)}, not {source['split']!r} "
+                                     f"(set the source's split)")
+                hf = hf[source["split"]]
         ds = ray.data.from_huggingface(hf).map_batches(_records, batch_format="pyarrow")
     else:
-        kind = _file_kind(path)
-        if kind == ".jsonl":
-            ds = ray.data.read_text(path, file_extensions=["jsonl"]).rename_columns({"text": "record"})
-        elif kind == ".json":
-            ds = ray.data.read_binary_files(path, file_extensions=["json"]).map_batches(
-                _json_records, batch_format="pyarrow"
-            )
-        elif kind in (".txt", ".txt.bz2"):
-            ds = ray.data.read_binary_files(path, file_extensions=["txt", "bz2"]).map_batches(
-                _hellaswag_text_records, batch_format="pyarrow"
-            )
+        kind, files = source_files(path)
+        if kind == ".parquet":
+            ds = ray.data.read_parquet(files, include_paths=True).map_batches(_records, batch_format="pyarrow")
         else:
-            ds = ray.data.read_parquet(path).map_batches(_records, batch_format="pyarrow")
+            reader = {".jsonl": _jsonl_records, ".json": _json_records, ".txt": _hellaswag_text_records}[kind]
+            ds = ray.data.read_binary_files(files, include_paths=True).map_batches(reader, batch_format="pyarrow")
     if source["limit"]:
         ds = ds.limit(source["limit"])
     return ds
@@ -372,7 +461,6 @@ def build_pairs(cfg: Config, stage) -> dict:
     for row in built.groupby(["source", "split", "drop_reason"]).aggregate(Count(), Sum("first_of_record")).take_all():
         summary[(row["source"], row["split"], row["drop_reason"])] += row["count()"]
         records_in[row["source"]] += row["sum(first_of_record)"]
-    built.map_batches(kept_pairs, batch_format="pyarrow").write_parquet(stage.out, min_rows_per_file=20_000)
 
     dropped, examples = Counter(), defaultdict(list)
     for row in built.filter(expr=col("drop_reason") != "").take(1000):
@@ -392,17 +480,34 @@ def build_pairs(cfg: Config, stage) -> dict:
         if not reason:
             splits[split] += n
     rows = sum(splits.values())
+    # Every candidate (a pair a record yields, or a record dropped whole) is kept or dropped with a reason.
+    accounting = {"rows_in": sum(summary.values()), "rows_out": rows, "rows_dropped": sum(dropped.values())}
+    assert accounting["rows_in"] == accounting["rows_out"] + accounting["rows_dropped"], accounting
     print(f"[dpop] pairs: {sum(records_in.values())} records read, {rows} pairs kept ({dict(splits)}), "
           f"dropped {dict(dropped) or 'none'}", flush=True)
-    edit_distance = edit_distance_report(ray.data.read_parquet(stage.out).select_columns(
-        ["source", "split", "edit_distance"]).to_pandas(), stage.out)
-    return {
-        "rows": rows,
-        "records_in": sum(records_in.values()),
-        "splits": dict(splits),
-        "edit_distance": edit_distance,
-        "edit_distance_plot": storage.join(stage.out, EDIT_DISTANCE_PLOT),
-        "dropped": dict(dropped),
-        "drop_examples": dict(examples),
-        "sources": dict(per_source),
-    }
+    fields = {"rows": rows, "records_in": sum(records_in.values()), **accounting, "splits": dict(splits),
+              "dropped": dict(dropped), "drop_examples": dict(examples), "sources": dict(per_source)}
+    check_drops(fields, cfg.data.max_dropped_fraction)
+
+    built.map_batches(kept_pairs, batch_format="pyarrow").write_parquet(stage.out, min_rows_per_file=20_000)
+    written = ray.data.read_parquet(stage.out).select_columns(["source", "split", "edit_distance"]).to_pandas()
+    assert len(written) == rows, f"wrote {len(written)} pairs, counted {rows}"
+    return {**fields, "edit_distance": edit_distance_report(written, stage.out),
+            "edit_distance_plot": storage.join(stage.out, EDIT_DISTANCE_PLOT)}
+
+
+def check_drops(fields: dict, max_dropped_fraction: float) -> None:
+    """Fail the stage, drop counts on record, when nothing is left or more than the allowed share was dropped: a
+    wrong `format`, `fields` mapping or tokenizer drops most rows, and training on the remnant is not what anyone
+    asked for."""
+    from pipeline.runner import StageFailed
+
+    dropped, total = fields["rows_dropped"], fields["rows_in"]
+    top = ", ".join(f"{reason} {n} (e.g. {fields['drop_examples'][reason][0]['detail'][:120]!r})"
+                    for reason, n in Counter(fields["dropped"]).most_common(3))
+    if fields["rows"] == 0:
+        raise StageFailed(f"pairs: every one of {total} candidate pairs was dropped" +
+                          (f"; top reasons: {top}" if total else " (the sources hold no rows)"), fields)
+    if dropped / total > max_dropped_fraction:
+        raise StageFailed(f"pairs: dropped {dropped} of {total} candidate pairs ({dropped / total:.0%}), more than "
+                          f"data.max_dropped_fraction {max_dropped_fraction:g}; top reasons: {top}", fields)

@@ -39,14 +39,24 @@ def _field(row: dict, name: str, fields: dict[str, str]):
     return value
 
 
+# Roles chat templates know; another one would be rendered however the template happens to treat it (most print
+# it as is, some drop the turn), so it is a drop rather than a guess.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
 def _messages(value, column: str) -> Messages:
-    """Accept a list of {role, content} dicts (or one such dict); anything else is `bad_messages`."""
+    """Accept a list of {role, content} dicts (or one such dict); anything else is `bad_messages`, and a role
+    outside CHAT_ROLES is `unknown_role`."""
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list) or not all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
     ):
         raise Drop("bad_messages", f"field {column!r} is neither a string nor a list of {{role, content}} messages")
+    unknown = sorted({m["role"] for m in value} - set(CHAT_ROLES))
+    if unknown:
+        raise Drop("unknown_role", f"field {column!r} has role(s) {', '.join(map(repr, unknown))}; chat roles are "
+                                   f"{', '.join(CHAT_ROLES)}")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 

@@ -168,4 +168,121 @@ def test_pairs_stage_counts_every_row(tmp_path, tiny_model, ray_cluster):
     for row in rows:
         assert row["edit_distance"] == slow_levenshtein(row["chosen_ids"], row["rejected_ids"])
         assert row["split"] == split_of(row["prompt"], 0.25)
-    assert manifest["drop_examples"]["missing_field"][0]["detail"] == "no field 'rejected'"
+    # Drop details say where the row was: file and line.
+    assert manifest["drop_examples"]["missing_field"][0]["detail"] == \
+        f"pairwise.jsonl line {len(good) + len(chat) + 3}: no field 'rejected'"
+    assert manifest["rows_in"] == manifest["rows_out"] + manifest["rows_dropped"]
+
+
+def _pairs_config(tmp_path, model, sources, **data) -> str:
+    return write_config(tmp_path / "c.yaml", {
+        "run": {"name": "bad", "storage": str(tmp_path / "runs")},
+        "model": {"name_or_path": model},
+        "data": {"sources": sources, "max_prompt_length": 32, "max_length": 64, "eval_fraction": 0.0, **data},
+    })
+
+
+def test_every_bad_input_is_named_or_counted(tmp_path, tiny_model, ray_cluster):
+    """Each kind of bad row is a counted drop with its file and line, and each kind of good-but-unusual input
+    (U+2028 in a string, gzip beside plain files, a save_to_disk folder) is read whole."""
+    import gzip
+
+    import datasets
+
+    def row(i, **extra):
+        return {"prompt": f"What is {i} plus {i}? ", "chosen": f"{2 * i}", "rejected": f"{2 * i + 1}", **extra}
+
+    separators = [row(100 + i, prompt=f"Line {i}\u2028break\u2029here? ") for i in range(6)]
+    lines = [json.dumps(r, ensure_ascii=False).encode() for r in [row(i) for i in range(4)] + separators]
+    lines += [
+        b'{"prompt": "p", "chosen": "\xff\xfe", "rejected": "r"}',  # invalid UTF-8
+        b"{not json",
+        json.dumps({"prompt": "p", "chosen": "c"}).encode(),  # missing field
+        json.dumps({"prompt": "p", "chosen": 7, "rejected": "r"}).encode(),  # wrong type
+        json.dumps({"prompt": "", "chosen": "c", "rejected": "r"}).encode(),  # empty string
+        json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}).encode(),
+        json.dumps({"prompt": "p", "chosen": "far " * 50_000, "rejected": "r"}).encode(),  # far over the limit
+        json.dumps({"prompt": [{"role": "wizard", "content": "hi"}], "chosen": "a", "rejected": "b"}).encode(),
+    ]
+    (tmp_path / "lines.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    write_jsonl(mixed / "a.jsonl", [row(i) for i in range(10, 13)])
+    with gzip.open(mixed / "b.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps(row(i)) + "\n" for i in range(20, 24)))
+    (mixed / "_SUCCESS").write_text("")  # bookkeeping files are not data
+    datasets.Dataset.from_list([row(i) for i in range(30, 35)]).save_to_disk(str(tmp_path / "saved"))
+    hellaswag = tmp_path / "hs.txt"
+    items = [["act: ctx", "0", "right", "wrong a", "wrong b", "wrong c"], ["act: ctx2", "1", "x", "y", "z", "w"]]
+    hellaswag.write_text("\n".join(line for item in items for line in item) + "\nact: cut\n2\nonly\n")
+
+    config = _pairs_config(tmp_path, tiny_model, [
+        {"path": str(tmp_path / "lines.jsonl"), "format": "pairwise"},
+        {"path": str(mixed), "format": "pairwise"},
+        {"path": str(tmp_path / "saved"), "format": "pairwise"},
+        {"path": str(hellaswag), "format": "multiple_choice"},
+    ], max_dropped_fraction=1.0)
+    manifest = run_stages(load_config(config), ["pairs"])["pairs"]
+    sources = manifest["sources"]
+    assert sources["lines"]["dropped"] == {"invalid_utf8": 1, "malformed_row": 1, "missing_field": 1, "bad_type": 1,
+                                           "empty_field": 1, "identical": 1, "too_long": 1, "unknown_role": 1}
+    assert sources["lines"]["train"] == 10  # the six rows with U+2028 / U+2029 among them, whole
+    assert sources["mixed"]["train"] == 7 and sources["saved"]["train"] == 5
+    assert sources["hs"] == {"records_in": 3, "train": 6, "eval": 0, "dropped": {"incomplete_record": 1}}
+    assert manifest["rows_in"] == manifest["rows_out"] + manifest["rows_dropped"] == 10 + 8 + 7 + 5 + 6 + 1
+    details = {e["detail"] for examples in manifest["drop_examples"].values() for e in examples}
+    bad_byte = lines[10].index(b"\xff")
+    assert f"lines.jsonl line 11: invalid start byte at byte {bad_byte}" in details
+    assert "hs.txt line 13: 15 lines, not a multiple of 6; the last 3 are not a whole item" in details
+    prompts = pq.read_table(tmp_path / "runs" / "bad" / "pairs").column("prompt").to_pylist()
+    assert sum("\u2028break\u2029" in p for p in prompts) == 6
+
+
+def test_unreadable_sources_are_named_before_any_work(tmp_path):
+    from pipeline.pairs import source_files
+
+    pq.write_table(pa.Table.from_pylist([{"prompt": "p", "chosen": "c", "rejected": "r"}] * 50), tmp_path / "t.parquet")
+    data = (tmp_path / "t.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cut.parquet: not a readable Parquet file"):
+        source_files(str(tmp_path / "cut.parquet"))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"x": 1}])
+    (folder / "notes.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match=r"found \.csv: notes\.csv; \.jsonl: a\.jsonl"):
+        source_files(str(folder))
+    with pytest.raises(FileNotFoundError, match="gone.jsonl: no such file"):
+        source_files(str(tmp_path / "gone.jsonl"))
+
+
+def test_a_stage_that_keeps_nothing_fails_with_its_drops_on_record(tmp_path, tiny_model, ray_cluster, capsys):
+    from pipeline.cli import main
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", ["{nope"] * 4 + [{"prompt": "p", "chosen": "c"}] * 2)
+    config = _pairs_config(tmp_path, tiny_model, [{"path": bad, "format": "pairwise"}])
+    assert main(["run", config, "--stages", "pairs"]) == 1
+    assert "every one of 6 candidate pairs was dropped; top reasons: malformed_row 4" in capsys.readouterr().err
+    manifest = json.loads((tmp_path / "runs" / "bad" / "pairs" / "_manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["dropped"] == {"malformed_row": 4, "missing_field": 2}
+    assert main(["status", config]) == 0
+    assert "pairs      failed" in capsys.readouterr().out  # not done: nothing downstream may use it
+
+
+
+def test_too_many_drops_fail_the_stage_naming_the_reasons():
+    """data.max_dropped_fraction (default 0.5): most rows dropped means a wrong format or mapping, not bad rows."""
+    from pipeline.config import DataSection
+    from pipeline.pairs import check_drops
+    from pipeline.runner import StageFailed
+
+    fields = {"rows": 1, "rows_in": 4, "rows_dropped": 3, "dropped": {"malformed_row": 2, "too_long": 1},
+              "drop_examples": {"malformed_row": [{"detail": "a.jsonl line 2: Expecting value"}],
+                                "too_long": [{"detail": "a.jsonl line 3: 80 tokens > data.max_length 64"}]}}
+    with pytest.raises(StageFailed) as failure:
+        check_drops(fields, DataSection.max_dropped_fraction)
+    assert str(failure.value) == ("pairs: dropped 3 of 4 candidate pairs (75%), more than data.max_dropped_fraction "
+                                  "0.5; top reasons: malformed_row 2 (e.g. 'a.jsonl line 2: Expecting value'), "
+                                  "too_long 1 (e.g. 'a.jsonl line 3: 80 tokens > data.max_length 64')")
+    assert failure.value.fields is fields  # the counts go into the failed manifest
+    check_drops(fields, 0.75)  # at the limit: allowed
