@@ -63,14 +63,14 @@ def read_manifest(run_dir, stage) -> dict:
         return json.load(f)
 
 
-def demo_config(tmp, model: str, name: str = "demo", **train) -> str:
-    """jobs/demo.yaml with its data written to `tmp`, its storage in `tmp/runs`, `model` as the model and some
-    train keys overridden; returns the config file's path."""
+def demo_config(tmp, model: str, name: str = "demo", n_pairs: int = 240, **train) -> str:
+    """jobs/demo.yaml with its data (`n_pairs` pairs) written to `tmp`, its storage in `tmp/runs`, `model` as the
+    model and some train keys overridden; returns the config file's path."""
     import yaml
 
     from pipeline.demo import write_demo_data
 
-    data = write_demo_data(str(tmp / "data"))
+    data = write_demo_data(str(tmp / "data"), n_pairs=n_pairs)
     with open(REPO / "jobs" / "demo.yaml") as f:
         raw = yaml.safe_load(f)
     raw["run"].update(storage=str(tmp / "runs"), name=name)

@@ -54,3 +54,54 @@ def test_vllm_and_hf_backends_agree(pairs_dataset):
     assert max(abs(a - b) for pid in hf for a, b in zip(hf[pid], hf_again[pid])) < TOLERANCE
     # The sums are real log-probs of multi-token completions, not zeros or per-token values.
     assert all(c < -1.0 and r < 0 for c, r in vllm.values())
+
+
+def test_nonfinite_reference_log_probs_are_dropped_and_named(pairs_dataset, tmp_path, tiny_model):
+    """A model whose embedding of one token is NaN: every pair that token reaches gets a NaN log-prob. The stage
+    drops exactly those (found here by a plain per-sequence forward pass), names them, and keeps the rest."""
+    import copy
+    import math
+    from collections import Counter
+
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.reference import compute_reference
+    from pipeline.runner import StageContext
+
+    cfg = copy.deepcopy(pairs_dataset[0])  # the fixture's config is the module's
+    # A token that some pairs' completions hold and others' do not.
+    rows = pairs_dataset[1].take_all()
+    holders = Counter(t for r in rows for t in set(list(r["chosen_ids"])) | set(list(r["rejected_ids"])))
+    token = min(holders, key=lambda t: abs(holders[t] - len(rows) / 3))
+    broken = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        broken.model.embed_tokens.weight[token] = float("nan")
+    broken.save_pretrained(tmp_path / "broken")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "broken")
+    cfg.model.name_or_path = str(tmp_path / "broken")
+    cfg.reference.backend = "hf"
+    # The stage's entry on the fixture's pairs (the runner would rebuild them: the model path changed).
+    pairs_dir = f"{cfg.run.storage}/{cfg.run.name}/pairs"
+    reference = compute_reference(cfg, StageContext(out=str(tmp_path / "reference"), inputs={"pairs": pairs_dir},
+                                                    fingerprint="test"))
+    pair_rows = pq.read_table(pairs_dir).num_rows
+
+    expected = set()
+    for row in pq.read_table(pairs_dir).to_pylist():
+        for completion in ("chosen_ids", "rejected_ids"):
+            ids = torch.tensor([row["prompt_ids"] + row[completion]])
+            with torch.no_grad():
+                logps = torch.log_softmax(broken(ids).logits[0, :-1].float(), dim=-1)
+            targets = ids[0, 1:]
+            total = sum(logps[i, targets[i]].item() for i in range(len(row["prompt_ids"]) - 1, ids.shape[1] - 1))
+            if not math.isfinite(total):
+                expected.add(row["pair_id"])
+    assert 0 < len(expected) < pair_rows  # the test breaks some pairs, not all
+    assert reference["dropped"] == {"nonfinite_reference": len(expected)}
+    assert set(reference["nonfinite_pair_ids"]) == expected
+    assert reference["rows_in"] == pair_rows == reference["rows_out"] + len(expected)
+    table = pq.read_table(tmp_path / "reference").to_pandas()
+    assert len(table) == reference["rows"] and table[["ref_chosen_logp", "ref_rejected_logp"]].map(math.isfinite).all().all()
+    assert not set(table.pair_id) & expected
