@@ -2,11 +2,16 @@
 
 Driver (`train_policy`): reference Parquet -> train/eval Ray Datasets -> TorchTrainer(train_loop) -> curves PNG.
 Each worker (`train_loop`), top to bottom:
-    load the policy -> parallelize (FSDP2) -> AdamW + warm-up/decay -> resume from the latest checkpoint
-    -> per step: micro-batches (chosen and rejected in one forward) -> dpop_loss -> backward, accumulated
-       -> clip, step -> metrics (all-reduced) -> eval / sharded checkpoint when due
-    -> gather the full weights and save the policy in Hugging Face format.
+    setup (load the policy, dropout off, parallelize with FSDP2, AdamW + warm-up/decay) -> restore_checkpoint
+    -> the train split into memory (TrainPairs), globally shuffled per epoch by `stream_indices`
+    -> per step (`train_step`): micro-batches (`forward_backward_step`: chosen and rejected in one forward,
+       dpop_loss, backward) -> clip, step -> metrics (all-reduced) -> `evaluate` / `save_checkpoint` when due
+    -> `save_policy`: gather the full weights and save the policy in Hugging Face format.
+
+Exact resume: step s always trains on positions [(s - 1) * batch_size, s * batch_size) of the one seeded stream,
+so a run resumed from its step-k checkpoint (model, optimizer, schedule, RNG) continues as if never stopped.
 """
+import functools
 import json
 import logging
 import math
@@ -14,16 +19,22 @@ import os
 import sys
 import tempfile
 import time
-
+from dataclasses import dataclass
 
 from pipeline import storage
-from pipeline.config import Config, config_from_dict
+from pipeline.config import Config, config_warnings
 from pipeline.pairs import LOW_EDIT_DISTANCE
 
-TRAIN_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logp", "ref_rejected_logp"]
+TRAIN_COLUMNS = ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logp", "ref_rejected_logp"]
 # Per-pair statistics summed on every worker, all-reduced, then divided by the pair count.
 STAT_KEYS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-             "logps/chosen", "logps/rejected", "dpop/penalty", "dpop/penalty_active"]
+             "logps/chosen", "logps/rejected", "dpop/penalty", "dpop/penalty_active", "logps/ref_gap"]
+# Every metric a train run reports, by the name `tune.metric` and metrics.jsonl use.
+REPORTED_METRICS = (*STAT_KEYS, *(f"eval/{key}" for key in STAT_KEYS), "learning_rate", "grad_norm", "epoch")
+# A chosen log-prob counts as below the reference (dpop/penalty_active) only beyond this many nats: the two
+# backends' float rounding (seen: under 1e-5 nats in fp32 on the tiny model, 3.4e-4 on SmolLM2-135M) is not a
+# drop, and would otherwise make a policy identical to the reference look half "active" at step 1.
+PENALTY_ACTIVE_NATS = 1e-3
 
 
 def say(message: str) -> None:
@@ -53,6 +64,21 @@ def parallelize(model, mesh, mixed_precision: bool, activation_checkpointing: bo
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
+def disable_dropout(model) -> None:
+    """Dropout off, as TRL does: with it the policy scores a pair differently from the reference (and from itself)
+    at step 0, and DPOP's one-sided penalty pushes on that noise. Covers nn.Dropout modules and the attention
+    dropout rate that transformers' attention layers keep as a float."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    if isinstance(getattr(model.config, "attention_dropout", None), float):
+        model.config.attention_dropout = 0.0
+
+
 def lr_lambda(step: int, warmup_steps: int, max_steps: int, schedule: str) -> float:
     """Multiplier of the peak learning rate: linear warm-up, then cosine or linear decay to 0, or constant."""
     if step < warmup_steps:
@@ -65,8 +91,60 @@ def lr_lambda(step: int, warmup_steps: int, max_steps: int, schedule: str) -> fl
     return 1.0
 
 
-def pair_logps(model, batch: dict, pad_id: int, device):
-    """Policy log-probs of chosen and rejected completions, both in one forward pass."""
+@functools.lru_cache(maxsize=2)
+def epoch_permutation(num_pairs: int, seed: int, epoch: int):
+    import numpy as np
+
+    return np.random.default_rng([seed, epoch]).permutation(num_pairs)
+
+
+def stream_indices(num_pairs: int, seed: int, start: int, count: int):
+    """Pair indices at positions [start, start + count) of the training stream.
+
+    The stream is epoch after epoch of all pairs, each epoch in its own order drawn from (seed, epoch): a global
+    shuffle, every pair once per epoch, and any position found without replaying those before it, which is what
+    makes a resumed run continue exactly where its checkpoint left off.
+    """
+    import numpy as np
+
+    pieces, position, end = [], start, start + count
+    while position < end:
+        epoch, offset = divmod(position, num_pairs)
+        take = min(end - position, num_pairs - offset)
+        pieces.append(epoch_permutation(num_pairs, seed, epoch)[offset:offset + take])
+        position += take
+    return np.concatenate(pieces)
+
+
+class TrainPairs:
+    """The whole train split in this worker's memory (token ids and reference log-probs), read once.
+
+    Rows are sorted by pair id, so every worker and every rerun index the same pairs the same way whatever order
+    Ray Data read them in. Each worker holds the split: 4 bytes a token for each of the three id arrays plus a few
+    hundred bytes a pair; read once, so no epoch re-executes the read.
+    """
+
+    def __init__(self, shard):
+        import numpy as np
+
+        columns = {name: [] for name in TRAIN_COLUMNS}
+        for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
+            for name in TRAIN_COLUMNS:
+                columns[name].extend(batch[name])
+        # Identical pairs share a pair id; their reference log-probs break the tie.
+        order = np.lexsort((columns["ref_rejected_logp"], columns["ref_chosen_logp"], columns["pair_id"]))
+        self.columns = {name: [values[i] for i in order] for name, values in columns.items()}
+        self.num_pairs = len(order)
+
+    def batch(self, indices) -> dict:
+        return {name: [values[i] for i in indices] for name, values in self.columns.items()}
+
+
+def concatenated_forward(model, batch: dict, pad_id: int, device):
+    """Policy log-probs of chosen and rejected completions, both in one forward pass.
+
+    The one owner of the pair layout: rows 0..n-1 are prompt + chosen, rows n..2n-1 prompt + rejected, right-padded
+    with `pad_id` (pipeline.logprobs.pad_pairs)."""
     from pipeline.logprobs import completion_logps, pad_pairs
 
     prompts = [p.tolist() for p in batch["prompt_ids"]]
@@ -82,10 +160,11 @@ def dpop_step_stats(model, batch: dict, pad_id: int, device, beta: float, dpop_l
 
     from pipeline.loss import dpop_loss
 
-    policy_chosen, policy_rejected = pair_logps(model, batch, pad_id, device)
+    policy_chosen, policy_rejected = concatenated_forward(model, batch, pad_id, device)
     ref_chosen = torch.tensor(batch["ref_chosen_logp"], dtype=torch.float32, device=device)
     ref_rejected = torch.tensor(batch["ref_rejected_logp"], dtype=torch.float32, device=device)
     out = dpop_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, dpop_lambda)
+    ref_gap = ((policy_chosen.detach() - ref_chosen).abs() + (policy_rejected.detach() - ref_rejected).abs()) / 2
     sums = torch.stack([
         out.losses.detach().sum(),
         out.chosen_rewards.sum(),
@@ -95,7 +174,8 @@ def dpop_step_stats(model, batch: dict, pad_id: int, device, beta: float, dpop_l
         policy_chosen.detach().sum(),
         policy_rejected.detach().sum(),
         out.penalty.sum(),
-        (out.penalty > 0).float().sum(),
+        (out.penalty > PENALTY_ACTIVE_NATS).float().sum(),
+        ref_gap.sum(),
         torch.tensor(float(len(ref_chosen)), device=device),
     ])
     return out.losses, sums
@@ -109,16 +189,6 @@ def reduce_stats(sums, prefix: str = "") -> dict:
     values = sums.tolist()
     count = values[-1]
     return {prefix + key: value / count for key, value in zip(STAT_KEYS, values[:-1])}
-
-
-def endless_batches(shard, batch_size: int, seed: int):
-    """Micro-batches of this worker's shard, epoch after epoch, each epoch in a new order."""
-    epoch = 0
-    while True:
-        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
-                                        local_shuffle_buffer_size=batch_size * 16, local_shuffle_seed=seed + epoch):
-            yield epoch, batch
-        epoch += 1
 
 
 class MetricsLog:
@@ -135,106 +205,205 @@ class MetricsLog:
         storage.write_text(self.uri, "".join(json.dumps(r) + "\n" for r in self.rows))
 
 
-def train_loop(loop_config: dict) -> None:
-    """Runs on every Ray Train worker."""
+@dataclass
+class Worker:
+    """What one Ray Train worker holds: the sharded policy, its optimizer and schedule, and its place in the group."""
+    cfg: Config
+    model: object
+    optimizer: object
+    scheduler: object
+    tokenizer: object
+    pad_id: int
+    device: object
+    rank: int
+    world: int
+    saved_dtype: object
+    """The dtype the model was saved in; the final policy is written back in it."""
+
+
+def setup(cfg: Config) -> Worker:
+    """Load the policy in fp32 (bf16 compute on GPU comes from FSDP2's mixed-precision policy), dropout off, shard
+    it, and build AdamW with the warm-up/decay schedule."""
     import ray.train
     import ray.train.torch
-    import ray.util
     import torch
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                         set_state_dict)
     from torch.distributed.device_mesh import init_device_mesh
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    # Ray Train logs every report call, metrics and all, at INFO on a logger named by its file path (not under
-    # "ray.train"), which only the root level reaches. Our own progress lines are printed.
-    logging.getLogger().setLevel(logging.WARNING)
-    cfg = config_from_dict(loop_config["config"])
-    out, t = loop_config["out"], cfg.train
+    t, remote_code = cfg.train, cfg.model.trust_remote_code
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.run.seed)
-
-    # Model: fp32 master weights; bf16 compute on GPU comes from FSDP2's mixed-precision policy.
     model_path = cfg.model.name_or_path
-    saved_dtype = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code).dtype
+    saved_dtype = AutoConfig.from_pretrained(model_path, trust_remote_code=remote_code).dtype
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
-                                                 trust_remote_code=cfg.model.trust_remote_code).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model_path,
-                                              trust_remote_code=cfg.model.trust_remote_code)
+                                                 trust_remote_code=remote_code).to(device)
+    disable_dropout(model)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model_path, trust_remote_code=remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    mesh = init_device_mesh(device.type, (world,))
-    parallelize(model, mesh, mixed_precision=t.use_gpu, activation_checkpointing=t.activation_checkpointing)
-
+    parallelize(model, init_device_mesh(device.type, (world,)), mixed_precision=t.use_gpu,
+                activation_checkpointing=t.activation_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, t.warmup_steps, t.max_steps, t.lr_schedule))
+    return Worker(cfg, model, optimizer, scheduler, tokenizer, pad_id, device, rank, world, saved_dtype)
 
-    start_step = 0
+
+TRAINER_STATE = "trainer_state.json"
+
+
+def save_checkpoint(worker: Worker, step: int, metrics: dict) -> None:
+    """A sharded DCP checkpoint of model and optimizer, the schedule, the data position and every worker's RNG
+    state, reported to Ray Train (which keeps the newest train.keep_checkpoints)."""
+    import ray.train
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    with tempfile.TemporaryDirectory() as folder:
+        model_state, optim_state = get_state_dict(worker.model, worker.optimizer)
+        # Every worker writes its own shard files; Ray merges the workers' folders into one checkpoint.
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=folder)
+        torch.save(torch.get_rng_state(), os.path.join(folder, f"rng_state_rank{worker.rank}.pt"))
+        if worker.rank == 0:
+            with open(os.path.join(folder, TRAINER_STATE), "w") as f:
+                json.dump({"step": step, "scheduler": worker.scheduler.state_dict(),
+                           "pairs_consumed": step * worker.cfg.train.batch_size, "epoch": metrics["epoch"]}, f)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_dir_name=f"step_{step:06d}")
+
+
+def restore_checkpoint(worker: Worker) -> int:
+    """Load the newest checkpoint Ray Train hands this run (after a crash, a lost worker or a rerun of an
+    unfinished stage) and return its step; 0 when there is none."""
+    import ray.train
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            model_state, optim_state = get_state_dict(model, optimizer)
-            state = {"model": model_state, "optim": optim_state}
-            dcp.load(state, checkpoint_id=folder)
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-            with open(os.path.join(folder, "trainer_state.json")) as f:
-                trainer_state = json.load(f)
-        start_step = trainer_state["step"]
-        scheduler.load_state_dict(trainer_state["scheduler"])
-        if rank == 0:
-            say(f"resuming from step {start_step}")
-    metrics_log = MetricsLog(storage.join(out, "metrics.jsonl"), start_step) if rank == 0 else None
+    if not checkpoint:
+        return 0
+    with checkpoint.as_directory() as folder:
+        model_state, optim_state = get_state_dict(worker.model, worker.optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=folder)
+        set_state_dict(worker.model, worker.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        with open(os.path.join(folder, TRAINER_STATE)) as f:
+            trainer_state = json.load(f)
+        rng_path = os.path.join(folder, f"rng_state_rank{worker.rank}.pt")
+        if os.path.exists(rng_path):  # absent when the worker count changed: a fresh seed is all that is left
+            torch.set_rng_state(torch.load(rng_path))
+    worker.scheduler.load_state_dict(trainer_state["scheduler"])
+    step = trainer_state["step"]
+    if trainer_state["pairs_consumed"] != step * worker.cfg.train.batch_size:
+        raise ValueError(f"checkpoint at step {step} consumed {trainer_state['pairs_consumed']} pairs, not "
+                         f"{step} * train.batch_size; it belongs to another configuration")
+    if worker.rank == 0:
+        say(f"resuming from step {step} (epoch {trainer_state['epoch']}, {trainer_state['pairs_consumed']} pairs "
+            f"consumed)")
+    return step
+
+
+def forward_backward_step(worker: Worker, batch: dict, last_micro_batch: bool):
+    """One micro-batch: forward, DPOP loss, backward. Gradients reduce-scatter only on the step's last one."""
+    t = worker.cfg.train
+    worker.model.set_requires_gradient_sync(last_micro_batch)
+    losses, sums = dpop_step_stats(worker.model, batch, worker.pad_id, worker.device, t.beta, t.dpop_lambda)
+    # Sum over this worker's pairs / its pairs per step; FSDP averages over workers: a mean per pair.
+    (losses.sum() / (t.batch_size // worker.world)).backward()
+    return sums
+
+
+def train_step(worker: Worker, pairs: TrainPairs, step: int) -> dict:
+    """One optimizer step on global batch `step` of the stream: this worker's slice of it, in micro-batches."""
+    import torch
+
+    t = worker.cfg.train
+    per_worker = t.batch_size // worker.world
+    start = (step - 1) * t.batch_size + worker.rank * per_worker
+    indices = stream_indices(pairs.num_pairs, worker.cfg.run.seed, start, per_worker)
+    step_sums = None
+    for micro_start in range(0, per_worker, t.micro_batch_size):
+        batch = pairs.batch(indices[micro_start:micro_start + t.micro_batch_size])
+        last = micro_start + t.micro_batch_size >= per_worker
+        sums = forward_backward_step(worker, batch, last)
+        step_sums = sums if step_sums is None else step_sums + sums
+    grad_norm = torch.nn.utils.clip_grad_norm_(worker.model.parameters(), t.max_grad_norm or float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    if not torch.isfinite(grad_norm):
+        # A step on inf/NaN gradients (or a NaN loss) would leave NaN weights and train on silently. The norm is
+        # global, the same on every worker, so all of them stop here together.
+        raise FloatingPointError(f"non-finite gradient norm at step {step} (beta={t.beta}, "
+                                 f"dpop_lambda={t.dpop_lambda}, learning_rate={t.learning_rate})")
+    lr = worker.scheduler.get_last_lr()[0]
+    worker.optimizer.step()
+    worker.scheduler.step()
+    worker.optimizer.zero_grad(set_to_none=True)
+    epoch = (step - 1) * t.batch_size // pairs.num_pairs
+    return {"step": step, "epoch": epoch, "learning_rate": lr, "grad_norm": grad_norm.item(),
+            **reduce_stats(step_sums)}
+
+
+def evaluate(worker: Worker, eval_batches: list[dict]) -> dict:
+    """The same statistics on this worker's share of the eval split, all-reduced, prefixed `eval/`."""
+    import torch
+
+    t = worker.cfg.train
+    worker.model.eval()
+    total = None
+    with torch.no_grad():
+        for batch in eval_batches:
+            _, sums = dpop_step_stats(worker.model, batch, worker.pad_id, worker.device, t.beta, t.dpop_lambda)
+            total = sums if total is None else total + sums
+    worker.model.train()
+    return reduce_stats(total, prefix="eval/")
+
+
+def save_policy(worker: Worker, out: str) -> None:
+    """Gather the sharded weights (a collective: every worker takes part); rank 0 writes the HF model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full_state = get_model_state_dict(worker.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if worker.rank == 0:
+        full_state = {k: v.to(worker.saved_dtype) for k, v in full_state.items()}
+        with tempfile.TemporaryDirectory() as folder:
+            worker.model.save_pretrained(folder, state_dict=full_state)
+            worker.tokenizer.save_pretrained(folder)
+            storage.upload_dir(folder, storage.join(out, "model"))
+        say(f"saved the policy to {storage.join(out, 'model')}")
+
+
+def train_loop(loop_config: dict) -> None:
+    """Runs on every Ray Train worker: setup, resume, the steps with their logging, evaluation and checkpoints,
+    then the final policy."""
+    import ray.train
+    import ray.util
+
+    # Ray Train logs every report call, metrics and all, at INFO on a logger named by its file path (not under
+    # "ray.train"), which only the root level reaches. Our own progress lines are printed.
+    logging.getLogger().setLevel(logging.WARNING)
+    cfg, out = loop_config["config"], loop_config["out"]
+    t = cfg.train
+    worker = setup(cfg)
+    start_step = restore_checkpoint(worker)
+    metrics_log = MetricsLog(storage.join(out, "metrics.jsonl"), start_step) if worker.rank == 0 else None
     # The workers' placement group, reported so that a sweep can free it if Tune ends this run early.
     placement_group = ray.util.get_current_placement_group()
     reported = {"placement_group": placement_group.id.hex()} if placement_group else {}
 
-    accumulation = t.batch_size // (t.micro_batch_size * world)
-    pairs_per_worker_step = t.batch_size // world
-    batches = endless_batches(ray.train.get_dataset_shard("train"), t.micro_batch_size, cfg.run.seed)
+    pairs = TrainPairs(ray.train.get_dataset_shard("train"))
     eval_batches = []
     if loop_config["has_eval"]:
         eval_batches = list(ray.train.get_dataset_shard("eval").iter_batches(
             batch_size=t.micro_batch_size, batch_format="numpy"))
 
-    def evaluate() -> dict:
-        model.eval()
-        total = None
-        with torch.no_grad():
-            for batch in eval_batches:
-                _, sums = dpop_step_stats(model, batch, pad_id, device, t.beta, t.dpop_lambda)
-                total = sums if total is None else total + sums
-        model.train()
-        return reduce_stats(total, prefix="eval/")
-
-    model.train()
+    worker.model.train()
     step_started = time.time()
     for step in range(start_step + 1, t.max_steps + 1):
-        step_sums = None
-        for micro in range(accumulation):
-            epoch, batch = next(batches)
-            # Reduce-scatter gradients only on the last micro-batch of the step.
-            model.set_requires_gradient_sync(micro == accumulation - 1)
-            losses, sums = dpop_step_stats(model, batch, pad_id, device, t.beta, t.dpop_lambda)
-            # Sum over this worker's pairs / its pairs per step; FSDP averages over workers: a mean per pair.
-            (losses.sum() / pairs_per_worker_step).backward()
-            step_sums = sums if step_sums is None else step_sums + sums
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        if not torch.isfinite(grad_norm):
-            # A step on inf/NaN gradients (or a NaN loss) would leave NaN weights and train on silently. The norm is
-            # global, the same on every worker, so all of them stop here together.
-            raise FloatingPointError(f"non-finite gradient norm at step {step} (beta={t.beta}, "
-                                     f"dpop_lambda={t.dpop_lambda}, learning_rate={t.learning_rate})")
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        metrics = {"step": step, "epoch": epoch, "learning_rate": lr, "grad_norm": grad_norm.item(),
-                   **reduce_stats(step_sums)}
+        metrics = train_step(worker, pairs, step)
         metrics["seconds_per_step"] = round(time.time() - step_started, 3)
         metrics["time"] = round(time.time(), 3)
         step_started = time.time()
@@ -242,39 +411,21 @@ def train_loop(loop_config: dict) -> None:
         if first and start_step:
             metrics["resumed_from_step"] = start_step
         if eval_batches and (last or (t.eval_every and step % t.eval_every == 0)):
-            metrics.update(evaluate())
+            metrics.update(evaluate(worker, eval_batches))
         logged = first or last or step % t.log_every == 0 or "eval/loss" in metrics
-        if rank == 0 and logged:
+        if worker.rank == 0 and logged:
             metrics_log.write(metrics)
             shown = " ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "rewards/accuracies", "rewards/margins",
                                                                 "logps/chosen", "dpop/penalty_active"))
             evaluated = f" | eval/loss {metrics['eval/loss']:.4g}" if "eval/loss" in metrics else ""
             say(f"step {step}/{t.max_steps} {shown}{evaluated} ({metrics['seconds_per_step']:.2f}s/step)")
-
         # ray.train.report is a barrier that waits for the controller's poll (about 2 s), so only logged steps
         # and checkpoints report. The condition is the same on every worker, as report requires.
         if t.checkpoint_every and step % t.checkpoint_every == 0 and not last:
-            with tempfile.TemporaryDirectory() as folder:
-                model_state, optim_state = get_state_dict(model, optimizer)
-                # Every worker writes its own shard files; Ray merges the workers' folders into one checkpoint.
-                dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=folder)
-                if rank == 0:
-                    with open(os.path.join(folder, "trainer_state.json"), "w") as f:
-                        json.dump({"step": step, "scheduler": scheduler.state_dict()}, f)
-                ray.train.report({**metrics, **reported}, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                                 checkpoint_dir_name=f"step_{step:06d}")
+            save_checkpoint(worker, step, {**metrics, **reported})
         elif logged:
             ray.train.report({**metrics, **reported})
-
-    # Gather the sharded weights (a collective: every worker takes part); rank 0 writes the HF model.
-    full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        full_state = {k: v.to(saved_dtype) for k, v in full_state.items()}
-        with tempfile.TemporaryDirectory() as folder:
-            model.save_pretrained(folder, state_dict=full_state)
-            tokenizer.save_pretrained(folder)
-            storage.upload_dir(folder, storage.join(out, "model"))
-        say(f"saved the policy to {storage.join(out, 'model')}")
+    save_policy(worker, out)
 
 
 def plot_curves(rows: list[dict], path: str) -> None:
@@ -341,12 +492,16 @@ def make_trainer(cfg: Config, out: str, run_name: str, datasets: dict, callbacks
     t = cfg.train
     return TorchTrainer(
         train_loop,
-        train_loop_config={"config": cfg.to_dict(), "out": out, "has_eval": "eval" in datasets},
+        train_loop_config={"config": cfg, "out": out, "has_eval": "eval" in datasets},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=run_name, storage_path=out, callbacks=list(callbacks),
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints)),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+                                       # A lost worker restarts the group from the newest checkpoint.
+                                       failure_config=ray.train.FailureConfig(max_failures=t.max_failures)),
         datasets=datasets,
+        # Every worker reads the whole train split (TrainPairs shuffles it globally); the eval split is divided.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["eval"]),
     )
 
 
@@ -355,10 +510,20 @@ def read_metrics(out: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def eval_accounting(train_rows: int, eval_rows: int, num_workers: int) -> dict:
+    """Which reference rows a run uses. Every train pair is used; the eval split is divided equally among the
+    workers (Ray's equal split leaves out the remainder), and one smaller than the worker count is not used."""
+    unused = eval_rows if eval_rows < num_workers else eval_rows % num_workers
+    dropped = {("eval_split_too_small" if eval_rows < num_workers else "eval_remainder"): unused} if unused else {}
+    return {"rows_in": train_rows + eval_rows, "rows_out": train_rows + eval_rows - unused, "rows_dropped": unused,
+            "dropped": dropped}
+
+
 def train_policy(cfg: Config, stage) -> dict:
     t = cfg.train
     datasets, info = load_datasets(stage.inputs["reference"], t)
-    warnings = [w for w in [low_edit_distance_warning(t.dpop_lambda, info["median_edit_distance"])] if w]
+    warnings = config_warnings(cfg) + [w for w in [low_edit_distance_warning(t.dpop_lambda,
+                                                                             info["median_edit_distance"])] if w]
     for warning in warnings:
         print(f"[dpop] WARNING: {warning}", flush=True)
     print(f"[dpop] train: {info['train_rows']} train / {info['eval_rows']} eval pairs, {t.max_steps} steps of "
@@ -382,6 +547,7 @@ def train_policy(cfg: Config, stage) -> dict:
         "resumed_from_step": resumed[-1] if resumed else None,
         "rows": train_rows,
         "eval_rows": eval_rows,
+        **eval_accounting(train_rows, eval_rows, t.num_workers),
         "steps": final["step"],
         "final_metrics": {k: v for k, v in final.items() if k not in ("step", "resumed_from_step", "time")},
         "model": storage.join(stage.out, "model"),

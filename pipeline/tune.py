@@ -236,6 +236,11 @@ def sweep(cfg: Config, stage) -> dict:
     # The reference pass, read once and held in the object store for every trial. Materialized data also means a
     # trial's trainer starts no read tasks: when a trial ends mid-epoch, no half-read pipeline keeps its CPUs.
     datasets, info = load_datasets(stage.inputs["reference"], cfg.train)
+    if tc.metric.startswith("eval/") and "eval" not in datasets:
+        # Checked before any trial starts: otherwise every trial runs and the sweep ends with no winner.
+        raise ValueError(f"tune.metric: {tc.metric!r} needs an eval split of at least train.num_workers = "
+                         f"{cfg.train.num_workers} pairs, and the reference stage has {info['eval_rows']}; raise "
+                         f"data.eval_fraction or rank by a train metric")
     datasets = {name: ds.materialize() for name, ds in datasets.items()}
     print(f"[dpop] tune: {info['train_rows']} train / {info['eval_rows']} eval pairs from {stage.inputs['reference']}, "
           f"shared by every trial", flush=True)

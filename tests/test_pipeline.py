@@ -1,5 +1,6 @@
 """`dpop run` on the demo config, end to end on a local Ray cluster with 2 FSDP2 train workers."""
 import json
+import math
 import os
 import shutil
 
@@ -18,19 +19,23 @@ METRIC_KEYS = ["step", "loss", "rewards/chosen", "rewards/rejected", "rewards/ac
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, tiny_model, ray_cluster):
-    """jobs/demo.yaml (2 train workers) with fewer steps, run once for the module."""
+    """jobs/demo.yaml (2 train workers) with fewer steps, run once for the module, on its own copy of the model
+    (the staleness tests edit it)."""
     tmp = tmp_path_factory.mktemp("demo")
-    config = demo_config(tmp, tiny_model, max_steps=12, checkpoint_every=4, eval_every=4, log_every=1)
+    model = shutil.copytree(tiny_model, tmp / "model", copy_function=shutil.copy2)
+    config = demo_config(tmp, str(model), max_steps=12, checkpoint_every=4, eval_every=4, log_every=1)
     assert load_config(config).train.num_workers == 2
     assert main(["run", config]) == 0
-    data = {"pairwise": str(tmp / "data" / "pairwise.jsonl"), "conversations": str(tmp / "data" / "conversations.jsonl")}
+    data = {"pairwise": str(tmp / "data" / "pairwise.jsonl"), "conversations": str(tmp / "data" / "conversations.jsonl"),
+            "model": model,
+            "uninterrupted": [json.loads(line) for line in open(tmp / "runs" / "demo" / "train" / "metrics.jsonl")]}
     return config, tmp / "runs" / "demo", data
 
 
 def test_every_output_is_there(demo):
     config, run_dir, data = demo
     pairs = read_manifest(run_dir, "pairs")
-    lines = sum(1 for path in data.values() for _ in open(path))
+    lines = sum(1 for key in ("pairwise", "conversations") for _ in open(data[key]))
     assert pairs["records_in"] == lines
     assert pairs["dropped"] == {"malformed_row": 1, "missing_field": 1, "identical": 1, "too_long": 1}
     assert pairs["rows"] == lines - 4 == pq.read_table(run_dir / "pairs").num_rows
@@ -42,6 +47,9 @@ def test_every_output_is_there(demo):
 
     train = read_manifest(run_dir, "train")
     assert train["steps"] == 12 and train["resumed_from_step"] is None
+    # Every reference row is a train pair, an eval pair, or counted (the eval remainder Ray's equal split leaves out).
+    assert train["rows_in"] == reference.num_rows == train["rows_out"] + train["rows_dropped"]
+    assert train["rows_dropped"] == train["eval_rows"] % 2 == sum(train["dropped"].values())
     rows = [json.loads(line) for line in open(run_dir / "train" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == list(range(1, 13))
     for row in rows:
@@ -101,16 +109,41 @@ def test_force_train_reruns_only_train(demo):
     assert read_manifest(run_dir, "train")["resumed_from_step"] is None  # forced: a fresh run, not a resume
 
 
-def test_unfinished_train_resumes_from_latest_checkpoint(demo):
-    """A train stage without its manifest (as after a crash) restarts from its newest sharded checkpoint."""
-    config, run_dir, _ = demo
+def test_step_one_scores_pairs_as_the_reference_did(demo):
+    """Parity at step 1 (vLLM reference, fp32, dropout off): the policy is the reference, so every log-ratio is 0,
+    the loss is log 2 and no pair's chosen log-prob is below the reference."""
+    _, run_dir, _ = demo
+    first = json.loads(open(run_dir / "train" / "metrics.jsonl").readline())
+    assert first["step"] == 1
+    assert abs(first["loss"] - math.log(2)) < 1e-3
+    assert first["dpop/penalty_active"] == 0
+    assert first["logps/ref_gap"] < 1e-3  # nats per completion, policy against the vLLM reference
+
+
+def test_unfinished_train_resumes_exactly_from_latest_checkpoint(demo):
+    """A train stage without its manifest (as after a crash) restarts from its newest sharded checkpoint and logs
+    the same losses as the uninterrupted run: same model, optimizer, schedule and data position."""
+    config, run_dir, data = demo
+    uninterrupted = data["uninterrupted"]
     os.remove(run_dir / "train" / "_manifest.json")
     shutil.rmtree(run_dir / "train" / "model")
+    # What a kill in the middle of writing the step-10 checkpoint leaves: a folder of cut shards, never registered.
+    (ray_run,) = (run_dir / "train").glob("ray-*")
+    partial = ray_run / "step_000010"
+    shutil.copytree(ray_run / "step_000008", partial)
+    for shard in partial.glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:100])
     assert main(["run", config]) == 0
     train = read_manifest(run_dir, "train")
     assert train["resumed_from_step"] == 8  # checkpoints at 4 and 8; the last step (12) saves the model instead
-    steps = [json.loads(line)["step"] for line in open(run_dir / "train" / "metrics.jsonl")]
-    assert steps == list(range(1, 13))
+    resumed = [json.loads(line) for line in open(run_dir / "train" / "metrics.jsonl")]
+    assert [r["step"] for r in resumed] == list(range(1, 13))
+    assert [r["loss"] for r in resumed[:8]] == [r["loss"] for r in uninterrupted[:8]]  # kept as they were
+    for before, after in zip(uninterrupted[8:], resumed[8:]):
+        # fp32 on CPU, same reduction order: equal up to float rounding.
+        for key in ("loss", "logps/chosen", "logps/rejected", "eval/loss"):
+            if key in before:
+                assert after[key] == pytest.approx(before[key], abs=1e-5), (before["step"], key)
     assert (run_dir / "train" / "model" / "model.safetensors").exists()
 
 
@@ -127,3 +160,116 @@ def test_plain_dpo_on_low_edit_distance_pairs_warns(demo):
     assert train["median_edit_distance"] == 1.0
     (warning,) = train["warnings"]
     assert "plain DPO" in warning and "DPOP" in warning and "train.dpop_lambda" in warning
+
+
+def test_a_lost_train_worker_is_replaced_and_the_run_finishes(demo):
+    """SIGKILL one FSDP2 worker after the step-4 checkpoint: Ray Train (train.max_failures) restarts the group
+    from that checkpoint within the same `dpop run`, and the run ends as the uninterrupted one did."""
+    import threading
+    import time
+
+    from ray.util.state import list_actors
+
+    config, run_dir, data = demo
+    uninterrupted = data["uninterrupted"]
+    os.remove(run_dir / "train" / "metrics.jsonl")  # the killer waits for the new run's rows
+    # Workers of earlier runs can still be listed as alive for a moment: kill one of this run's.
+    earlier = {a["actor_id"] for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")])}
+    killed = []
+
+    def kill_a_worker_after_the_first_checkpoint():
+        deadline = time.time() + 600
+        while time.time() < deadline and not killed:
+            try:
+                steps = [json.loads(line)["step"] for line in open(run_dir / "train" / "metrics.jsonl")]
+            except (OSError, ValueError):
+                steps = []
+            if steps and max(steps) >= 5:
+                workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
+                                                           ("state", "=", "ALIVE")]) if a["actor_id"] not in earlier]
+                if workers:
+                    os.kill(workers[-1]["pid"], 9)
+                    killed.append(workers[-1]["pid"])
+                    return
+            time.sleep(0.5)
+
+    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    assert main(["run", config, "--force", "train", "--set", "train.max_failures=1"]) == 0
+    killer.join()
+    assert killed, "no worker was killed"
+    train = read_manifest(run_dir, "train")
+    assert train["steps"] == 12 and train["resumed_from_step"] in (4, 8)
+    rows = [json.loads(line) for line in open(run_dir / "train" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(1, 13))  # each step once
+    assert rows[-1]["loss"] == pytest.approx(uninterrupted[-1]["loss"], abs=1e-5)
+    assert rows[-1]["eval/loss"] == pytest.approx(uninterrupted[-1]["eval/loss"], abs=1e-5)
+
+
+def status_of(config, capsys, *overrides) -> dict[str, str]:
+    """`dpop status` as {stage: state (why)}."""
+    capsys.readouterr()
+    assert main(["status", config, *overrides]) == 0
+    out = {}
+    for line in capsys.readouterr().out.splitlines()[1:]:
+        stage, state, *rest = line.split()
+        if stage != "tune":
+            why = line.split("  (", 1)[1].rstrip(")") if "  (" in line else ""
+            out[stage] = f"{state} ({why})" if why else state
+    return out
+
+
+def test_fingerprints_follow_content_not_paths(demo, capsys):
+    """What decides each stage's output, changed in place under the same paths, makes exactly the stages that read
+    it stale; putting it back makes them current again."""
+    from safetensors.torch import load_file, save_file
+
+    config, run_dir, data = demo
+    model = data["model"]
+    assert status_of(config, capsys) == {"pairs": "done", "reference": "done", "train": "done"}
+
+    # A new training seed: the vLLM reference pass stays current.
+    assert status_of(config, capsys, "--set", "run.seed=7") == {
+        "pairs": "done", "reference": "done", "train": "stale (changed: seed)"}
+
+    # Same path, new weights (a re-export into the same folder): the reference and the policy are stale.
+    weights, backup = model / "model.safetensors", run_dir.parent / "original.safetensors"
+    shutil.copy2(weights, backup)
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 0.01
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert status_of(config, capsys) == {"pairs": "done", "reference": "stale (changed: model)",
+                                         "train": "stale (changed: model, upstream)"}
+    shutil.copy2(backup, weights)  # size and time as before
+    assert status_of(config, capsys) == {"pairs": "done", "reference": "done", "train": "done"}
+
+    # Only the chat template: the texts of chat pairs change, so pairs and everything after it.
+    template = model / "chat_template.jinja"
+    original = template.read_text()
+    template.write_text(original.replace("<|im_start|>assistant", "<|im_start|>assistant "))
+    assert status_of(config, capsys) == {"pairs": "stale (changed: tokenizer)",
+                                         "reference": "stale (changed: model, upstream)",
+                                         "train": "stale (changed: model, upstream)"}
+    template.write_text(original)
+
+    # A data file edited in place with its size and modification time kept: its content decides.
+    path = data["pairwise"]
+    stat, text = os.stat(path), open(path).read()
+    open(path, "w").write(text.replace("plus", "PLUS", 1))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.path.getsize(path) == stat.st_size
+    assert status_of(config, capsys)["pairs"] == "stale (changed: sources)"
+    open(path, "w").write(text)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert status_of(config, capsys) == {"pairs": "done", "reference": "done", "train": "done"}
+
+
+def test_forced_upstream_rerun_makes_everything_below_it_stale(demo, capsys):
+    """Same config, new output: `--force pairs` must not leave the reference log-probs of the old pairs current."""
+    config, run_dir, _ = demo
+    assert main(["run", config, "--stages", "pairs", "--force", "pairs"]) == 0
+    assert status_of(config, capsys) == {"pairs": "done", "reference": "stale (pairs was rerun since)",
+                                         "train": "stale (reference is stale)"}
+    # `dpop run` reruns both, in order.
+    assert [stage.name for stage, _ in plan(load_config(config), None, [])] == ["reference", "train"]
