@@ -6,8 +6,11 @@ Fields marked `execution_only` change how a stage runs, not what it writes, so t
 """
 import dataclasses
 import difflib
+import json
 import math
 import os
+import re
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,7 +34,8 @@ class RunSection:
     """A local directory or an object-store URI (s3://bucket/prefix, gs://...). Multi-node runs need shared storage.
     Credentials (and AWS_ENDPOINT_URL for an S3-compatible store) come from the environment, never from here."""
     seed: int = 0
-    """Seed for weight-independent randomness: data order, dropout."""
+    """Seed of the training data order (and any sampling in train and tune); the pairs and reference stages do not
+    use it, so a new seed reruns only train and tune."""
     ray_address: str | None = execution_only(None)
     """Ray cluster to join. Unset: the cluster in RAY_ADDRESS (as under `ray job submit`), else a new local one."""
     num_cpus: int | None = execution_only(None)
@@ -94,6 +98,10 @@ class DataSection:
     """Drop pairs whose prompt, chosen and rejected all equal another pair's (counted as `duplicate`). Off by default:
     published sets keep them (ARC-Challenge train repeats one question, and Smaug's 3,357 pairs count it twice);
     off, identical pairs share their pair_id."""
+    max_dropped_fraction: float = 0.5
+    """Fail the pairs stage (its drop counts kept in a failed manifest) when more than this share of candidate
+    pairs is dropped: that many drops mean a wrong format, field mapping or length limit, not bad rows. 1 allows
+    any share; a stage that keeps no pair always fails."""
     eval_fraction: float = 0.05
     """Share of prompts held out as the eval split. The split hashes the prompt, so every pair of one prompt lands
     in the same split and the split is stable across runs."""
@@ -107,6 +115,9 @@ class ReferenceSection:
     """Precision of the reference forward pass."""
     batch_size: int = execution_only(64)
     """Pairs per Ray Data batch sent to one actor."""
+    rows_per_file: int = execution_only(10_000)
+    """Pairs per output file, written as they are scored: what a rerun after a crash keeps (it scores only the
+    pairs that no finished file holds)."""
     micro_batch_size: int = execution_only(8)
     """`hf` backend: sequences per forward pass (bounds the logits' memory)."""
     num_actors: int = execution_only(1)
@@ -159,6 +170,9 @@ class TrainSection:
     """Save a sharded checkpoint every this many steps; a rerun of an unfinished train stage resumes from it."""
     keep_checkpoints: int = execution_only(2)
     """How many recent checkpoints to keep."""
+    max_failures: int = execution_only(1)
+    """Restarts of the worker group after a failure (a lost worker or node, an error), each from the newest
+    checkpoint. -1: unlimited. Errors that repeat (a non-finite loss) also rerun this often before the stage fails."""
 
 
 @dataclass
@@ -228,6 +242,9 @@ def _convert(value, tp, key: str):
         return float(value)
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is float and not math.isfinite(value):
+        # YAML's .inf and .nan are floats; no option of this tool means anything with them.
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
     return value
 
 
@@ -260,10 +277,22 @@ def _is_uri(path: str) -> bool:
     return "://" in path
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _template_fields(template: str, key: str) -> set[str]:
+    try:
+        return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as e:  # an unmatched brace
+        raise ConfigError(f"{key}: not a valid template ({e}): {template!r}") from None
+
+
 def validate(cfg: Config) -> Config:
     """Range and consistency checks that types alone cannot express."""
-    if not cfg.run.name or "/" in cfg.run.name:
-        raise ConfigError(f"run.name: must be a non-empty name without '/', got {cfg.run.name!r}")
+    if not RUN_NAME.fullmatch(cfg.run.name) or ".." in cfg.run.name:
+        # It becomes a folder under run.storage: '..', '/' or an absolute path would write outside it.
+        raise ConfigError(f"run.name: must be a folder name of letters, digits, '.', '_' and '-' that starts with a "
+                          f"letter or digit and has no '..', got {cfg.run.name!r}")
     if not cfg.data.sources:
         raise ConfigError("data.sources: needs at least one source")
     for i, source in enumerate(cfg.data.sources):
@@ -273,9 +302,11 @@ def validate(cfg: Config) -> Config:
         if source.limit is not None:
             _positive(f"data.sources[{i}].limit", source.limit)
         _positive(f"data.sources[{i}].corruptions", source.corruptions)
-        if source.prompt_template is not None and "{question}" not in source.prompt_template:
-            raise ConfigError(f"data.sources[{i}].prompt_template: must contain {{question}}, "
-                              f"got {source.prompt_template!r}")
+        if source.prompt_template is not None:
+            placeholders = _template_fields(source.prompt_template, f"data.sources[{i}].prompt_template")
+            if placeholders != {"question"}:
+                raise ConfigError(f"data.sources[{i}].prompt_template: must use {{question}} and no other "
+                                  f"placeholder, got {source.prompt_template!r}")
     _positive("data.max_prompt_length", cfg.data.max_prompt_length)
     _positive("data.max_length", cfg.data.max_length)
     if cfg.data.max_prompt_length >= cfg.data.max_length:
@@ -283,10 +314,13 @@ def validate(cfg: Config) -> Config:
             f"data.max_prompt_length: {cfg.data.max_prompt_length} leaves no room for a completion within "
             f"data.max_length {cfg.data.max_length}"
         )
+    if not 0 <= cfg.data.max_dropped_fraction <= 1:
+        raise ConfigError(f"data.max_dropped_fraction: must be in [0, 1], got {cfg.data.max_dropped_fraction!r}")
     if not 0 <= cfg.data.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {cfg.data.eval_fraction!r}")
     ref = cfg.reference
-    for key in ("batch_size", "micro_batch_size", "num_actors", "tensor_parallel_size", "cpus_per_actor"):
+    for key in ("batch_size", "rows_per_file", "micro_batch_size", "num_actors", "tensor_parallel_size",
+                "cpus_per_actor"):
         _positive(f"reference.{key}", getattr(ref, key))
     if not 0 < ref.gpu_memory_utilization <= 1:
         raise ConfigError(f"reference.gpu_memory_utilization: must be in (0, 1], got {ref.gpu_memory_utilization!r}")
@@ -299,17 +333,16 @@ def validate(cfg: Config) -> Config:
     for key in ("warmup_steps", "weight_decay", "max_grad_norm", "eval_every", "checkpoint_every"):
         _positive(f"train.{key}", getattr(t, key), allow_zero=True)
     _positive("train.keep_checkpoints", t.keep_checkpoints)
-    if not math.isfinite(t.beta):
-        raise ConfigError(f"train.beta: must be finite, got {t.beta!r}")
+    if t.max_failures < -1:
+        raise ConfigError(f"train.max_failures: must be -1 (unlimited) or >= 0, got {t.max_failures!r}")
     if cfg.tune is not None:
         for key in ("beta", "dpop_lambda"):
             values = getattr(cfg.tune, key)
             if not values:
                 raise ConfigError(f"tune.{key}: needs at least one value")
             for i, value in enumerate(values):
-                if not math.isfinite(value):
-                    raise ConfigError(f"tune.{key}[{i}]: must be finite, got {value!r}")
                 _positive(f"tune.{key}[{i}]", value, allow_zero=key == "dpop_lambda")
+        _check_tune_metric(cfg)
         _positive("tune.num_samples", cfg.tune.num_samples)
         _positive("tune.grace_period", cfg.tune.grace_period)
         if cfg.tune.max_concurrent_trials is not None:
@@ -323,6 +356,68 @@ def validate(cfg: Config) -> Config:
     if t.warmup_steps >= t.max_steps:
         raise ConfigError(f"train.warmup_steps: {t.warmup_steps} must be below train.max_steps {t.max_steps}")
     return cfg
+
+
+def _check_tune_metric(cfg: Config) -> None:
+    """A sweep ranks its trials by a metric the trainer reports; any other name would finish with no winner."""
+    from pipeline.train import REPORTED_METRICS  # the trainer owns its metric names
+
+    metric = cfg.tune.metric
+    if metric not in REPORTED_METRICS:
+        close = difflib.get_close_matches(metric, REPORTED_METRICS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"tune.metric: {metric!r} is not a metric the trainer reports{hint}; it reports "
+                          f"{', '.join(REPORTED_METRICS)}")
+    if metric.startswith("eval/") and cfg.data.eval_fraction == 0:
+        raise ConfigError(f"tune.metric: {metric!r} needs an eval split, but data.eval_fraction is 0")
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def model_context_length(name_or_path: str) -> int | None:
+    """The model's context length from a local folder's config.json (None when it is not a local folder or says
+    nothing): read as JSON, so checking a config imports no model code."""
+    path = os.path.join(name_or_path, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        model_config = json.load(f)
+    model_config = {**model_config.get("text_config", {}), **model_config}
+    return next((model_config[k] for k in CONTEXT_KEYS if isinstance(model_config.get(k), int)), None)
+
+
+def check_model_limits(cfg: Config) -> None:
+    """data.max_length must fit the model's context, else vLLM rejects it only after the pairs stage has run."""
+    context = model_context_length(cfg.model.name_or_path)
+    if context is None:
+        return
+    # vLLM scores a sequence as a prompt and must generate one token after it.
+    needed = cfg.data.max_length + (1 if cfg.reference.backend == "vllm" else 0)
+    if needed > context:
+        raise ConfigError(f"data.max_length: {cfg.data.max_length} does not fit the context length {context} of "
+                          f"{cfg.model.name_or_path}" + (" (the vllm backend needs one more position)"
+                                                         if cfg.reference.backend == "vllm" else ""))
+
+
+def training_dtype(cfg: Config) -> str:
+    """The precision the policy computes in: bf16 on GPUs (FSDP2 mixed precision), fp32 on CPUs."""
+    return "bfloat16" if cfg.train.use_gpu else "float32"
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Legal settings that are likely mistakes; printed before a run and kept in the train manifest."""
+    warnings = []
+    if cfg.reference.dtype == "float16":
+        warnings.append("reference.dtype: float16 overflows beyond 65504; summed log-probs of long completions or "
+                        "large logits can come out infinite or NaN (such pairs are dropped as nonfinite_reference). "
+                        "bfloat16 has float32's range.")
+    if cfg.reference.dtype != training_dtype(cfg):
+        warnings.append(f"reference.dtype: {cfg.reference.dtype} differs from the training precision "
+                        f"{training_dtype(cfg)} (train.use_gpu={cfg.train.use_gpu}): the policy will not score pairs "
+                        f"as the reference did at step 0, and DPOP's one-sided penalty turns that gap into a push. "
+                        f"Use the same precision for both.")
+    return warnings
 
 
 def _set_dotted(raw: dict, dotted: str, value) -> None:
@@ -372,6 +467,7 @@ def load_config(path: str, overrides: list[str] = ()) -> Config:
         _set_dotted(raw, key, yaml.safe_load(text))
     cfg = validate(_build(Config, raw, ""))
     _absolute_local_paths(cfg)
+    check_model_limits(cfg)
     return cfg
 
 

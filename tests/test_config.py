@@ -44,6 +44,22 @@ def test_defaults_and_types(tmp_path, base):
     (lambda r: r["train"].update(batch_size=10), "train.batch_size: 10 is not a multiple of"),
     (lambda r: r["run"].pop("name"), "missing required key run.name"),
     (lambda r: r["data"].update(eval_fraction=1.5), "data.eval_fraction: must be in [0, 1), got 1.5"),
+    (lambda r: r["train"].update(dpop_lambda=float("inf")), "train.dpop_lambda: must be a finite number, got inf"),
+    (lambda r: r["train"].update(max_grad_norm=float("nan")), "train.max_grad_norm: must be a finite number, got nan"),
+    (lambda r: r.update(tune={"beta": [0.1, float("-inf")]}), "tune.beta[1]: must be a finite number, got -inf"),
+    (lambda r: r["run"].update(name=".."), "run.name: must be a folder name"),
+    (lambda r: r["run"].update(name="/etc/cron.d"), "run.name: must be a folder name"),
+    (lambda r: r["run"].update(name="a/../../b"), "run.name: must be a folder name"),
+    (lambda r: r["data"]["sources"][0].update(prompt_template="{question} {answer}"),
+     "data.sources[0].prompt_template: must use {question} and no other placeholder"),
+    (lambda r: r["data"]["sources"][0].update(prompt_template="Q: {question"),
+     "data.sources[0].prompt_template: not a valid template"),
+    (lambda r: r.update(tune={"metric": "eval/los"}),
+     "tune.metric: 'eval/los' is not a metric the trainer reports (did you mean eval/loss?)"),
+    (lambda r: (r.update(tune={"metric": "eval/rewards/accuracies", "mode": "max"}),
+                r["data"].update(eval_fraction=0)),
+     "tune.metric: 'eval/rewards/accuracies' needs an eval split, but data.eval_fraction is 0"),
+    (lambda r: r["train"].update(max_failures=-2), "train.max_failures: must be -1 (unlimited) or >= 0, got -2"),
 ])
 def test_errors_name_the_key_and_value(tmp_path, base, mutate, message):
     mutate(base)
@@ -85,3 +101,31 @@ def test_readme_config_reference_matches_the_code():
     from pipeline.config import reference_markdown
 
     assert reference_markdown() in (REPO / "README.md").read_text(), "regenerate it: python -m pipeline.config"
+
+
+def test_max_length_must_fit_the_models_context(tmp_path, base):
+    import json
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 512}))
+    base["model"]["name_or_path"] = str(model)
+    base["data"].update(max_length=512, max_prompt_length=64)
+    with pytest.raises(ConfigError, match="data.max_length: 512 does not fit the context length 512 of .* .the vllm "
+                                          "backend needs one more position"):
+        load(tmp_path, base)
+    assert load(tmp_path, base, ["reference.backend=hf"]).data.max_length == 512  # hf scores exactly 512
+    assert load(tmp_path, base, ["data.max_length=511"]).data.max_length == 511
+
+
+def test_precision_warnings(tmp_path, base):
+    from pipeline.config import config_warnings
+
+    # The defaults: a bf16 reference for bf16 training on GPUs, nothing to say.
+    assert config_warnings(load(tmp_path, base)) == []
+    assert config_warnings(load(tmp_path, base, ["reference.dtype=float32", "train.use_gpu=false"])) == []
+    overflow, mismatch = config_warnings(load(tmp_path, base, ["reference.dtype=float16"]))
+    assert "float16 overflows" in overflow and "nonfinite_reference" in overflow
+    assert "reference.dtype: float16 differs from the training precision bfloat16" in mismatch
+    (mismatch,) = config_warnings(load(tmp_path, base, ["train.use_gpu=false"]))
+    assert "bfloat16 differs from the training precision float32" in mismatch and "penalty" in mismatch
