@@ -1,30 +1,31 @@
 #!/usr/bin/env bash
-# Stop the head that cluster/start_local_head.sh started. With RAY_TEMP_DIR set, only that head's processes and
-# their children (found by the temp dir or the head's address in their command lines), so other Ray clusters on
-# the machine live on; without it, `ray stop`, which stops every Ray process of this user.
+# Stop the head that cluster/start_local_head.sh started: the `ray start --block` process whose pid it wrote to
+# $RAY_TEMP_DIR/head.pid (default /tmp/ray) and every process under it, found by pid, never by matching command
+# lines, so other Ray clusters and drivers on the machine live on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -z "${RAY_TEMP_DIR:-}" ]; then
-  exec .venv/bin/ray stop
-fi
-exec .venv/bin/python - "$RAY_TEMP_DIR" <<'PY'
+exec .venv/bin/python - "${RAY_TEMP_DIR:-/tmp/ray}/head.pid" <<'PY'
 import os
 import sys
 
 import psutil
 
-temp_dir = sys.argv[1]
-address_file = os.path.join(temp_dir, "ray_current_cluster")
-marks = [temp_dir] + ([open(address_file).read().strip()] if os.path.exists(address_file) else [])
-this = psutil.Process()
-callers = {this.pid, *(p.pid for p in this.parents())}  # a caller's command line may name the temp dir too
-heads = [p for p in psutil.process_iter(["cmdline"])
-         if p.pid not in callers and any(m in arg for arg in p.info["cmdline"] or [] for m in marks)]
-procs = {p for head in heads for p in [head, *head.children(recursive=True)]}
+pid_file = sys.argv[1]
+if not os.path.exists(pid_file):
+    sys.exit(f"no head started by cluster/start_local_head.sh: {pid_file} does not exist")
+try:
+    head = psutil.Process(int(open(pid_file).read()))
+    procs = [head, *head.children(recursive=True)]
+except psutil.NoSuchProcess:
+    procs = []
 for p in procs:
-    p.terminate()
-_, alive = psutil.wait_procs(procs, timeout=10)
+    try:
+        p.terminate()
+    except psutil.NoSuchProcess:
+        pass
+_, alive = psutil.wait_procs(procs, timeout=15)
 for p in alive:
     p.kill()
-print(f"stopped {len(procs)} Ray processes of the head in {temp_dir}")
+os.remove(pid_file)
+print(f"stopped {len(procs)} Ray processes of the head in {os.path.dirname(pid_file)}")
 PY

@@ -47,8 +47,9 @@ def s3_env():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    # A secret no output may hold (test_no_secret_reaches_any_output); moto accepts any.
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": f"aws-secret-{secrets.token_hex(12)}",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
             patch.setenv(key, value)
@@ -64,14 +65,21 @@ def head(s3_env):
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
     dashboard, agent, client = free_ports(3)
     env = {**os.environ, **s3_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-           "RAY_TEMP_DIR": temp_dir, "DASHBOARD_PORT": str(dashboard), "HF_HUB_OFFLINE": "1"}
+           "RAY_TEMP_DIR": temp_dir, "DASHBOARD_PORT": str(dashboard), "HF_HUB_OFFLINE": "1",
+           "HF_TOKEN": f"hf_{secrets.token_hex(16)}"}
     env.pop("RAY_ADDRESS", None)
     started = subprocess.run(["bash", "cluster/start_local_head.sh", "--port=0",
                               f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}"],
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
     yield {**env, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}"}
+    import psutil
+
+    head_pid = int(open(os.path.join(temp_dir, "head.pid")).read())
+    tree = [psutil.Process(head_pid), *psutil.Process(head_pid).children(recursive=True)]
     subprocess.run(["bash", "cluster/stop_local_head.sh"], cwd=REPO, env=env, timeout=120)
+    # Every process of that head is gone, found by pid; the session's own cluster was never touched.
+    assert not [p.pid for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -137,7 +145,12 @@ def test_storage_round_trip_on_s3(s3_env):
     assert isinstance(fs, pafs.S3FileSystem)
     names = [i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.type == pafs.FileType.File]
     assert names == [f"{BUCKET}/unit/a/_manifest.json"]
-    assert [entry[1] for entry in storage.input_signature(f"{root}/a")] == [len('{\n  "rows": 3\n}\n')]
+    # Source fingerprints read the object's content from S3, as they do a local file's.
+    from pipeline.fingerprint import source_identity
+
+    before = source_identity(f"{root}/a")
+    storage.write_json(f"{root}/a/_manifest.json", {"rows": 4})
+    assert [name for name, _ in before] == ["_manifest.json"] and source_identity(f"{root}/a") != before
     storage.clear_dir(f"{root}/a")
     assert not storage.exists(f"{root}/a/_manifest.json")
 
@@ -175,7 +188,7 @@ def test_stages_as_separate_jobs_with_storage_on_s3(head, cluster_config):
 
     run_job(head, "dpop-tune", *entry, "tune")
     tune = read_s3_manifest(run, "tune")
-    assert tune["inputs"] == {"reference": reference["fingerprint"]}
+    assert tune["inputs"] == {"reference": {"fingerprint": reference["fingerprint"], "run_id": reference["run_id"]}}
     assert storage.read_json(f"{run}/tune/best.json")["dpop_lambda"] in (0.0, 50.0)
 
     # The outputs, read back from S3.
@@ -199,6 +212,21 @@ def test_stages_as_separate_jobs_with_storage_on_s3(head, cluster_config):
     assert status.returncode == 0, status.stderr
     states = {line.split()[0]: line.split()[1] for line in status.stdout.splitlines()[1:]}
     assert states == {"pairs": "done", "reference": "done", "train": "done", "tune": "done"}
+
+
+def test_no_secret_reaches_any_output(head):
+    """The S3 secret, the Hugging Face token and Ray's auth token were in every job's environment: none may appear
+    in a manifest, metric, plot, model file, Tune state or job log of the run above."""
+    fs, path = storage.resolve(f"s3://{BUCKET}/runs")
+    files = [i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.type == pafs.FileType.File]
+    assert len(files) > 20, "run test_stages_as_separate_jobs_with_storage_on_s3 first"
+    blobs = {f: fs.open_input_stream(f).read() for f in files}
+    blobs.update({f"logs of {job}": logs(head, job).encode()
+                  for job in ("dpop-pairs", "dpop-reference", "dpop-train", "dpop-tune")})
+    for name in ("AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "RAY_AUTH_TOKEN"):
+        secret = head[name].encode()
+        assert len(secret) >= 16
+        assert not [where for where, blob in blobs.items() if secret in blob], name
 
 
 def test_bad_config_job_fails_fast_with_the_error_in_its_logs(head, cluster_config):
