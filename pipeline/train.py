@@ -528,6 +528,9 @@ def train_policy(cfg: Config, stage) -> dict:
         print(f"[dpop] WARNING: {warning}", flush=True)
     print(f"[dpop] train: {info['train_rows']} train / {info['eval_rows']} eval pairs, {t.max_steps} steps of "
           f"{t.batch_size} pairs on {t.num_workers} worker(s), beta={t.beta} lambda={t.dpop_lambda}", flush=True)
+    # Read once, here: every worker then takes its pairs from the object store, and no worker starts read tasks
+    # that would wait for CPUs its own group holds (a 2-CPU cluster with 2 workers would wait forever).
+    datasets = {name: ds.materialize() for name, ds in datasets.items()}
     # The fingerprint in the run name: a rerun of the same config resumes its checkpoints, another starts anew.
     result = make_trainer(cfg, stage.out, f"ray-{stage.fingerprint}", datasets).fit()
     if result.error:
