@@ -86,8 +86,16 @@ def test_killed_driver_during_pairs_and_reference(tmp_path, tiny_model, ray_clus
     assert json.loads((run / "reference" / "_manifest.json").read_text())["rows_in"] == pairs["rows"]
 
     # Step-1 parity with this transformers fp32 reference, as with vLLM's (tests/test_pipeline.py): the policy is
-    # the reference, so the loss is log 2 and no pair is below the reference.
-    assert main(["run", config, *overrides[2:], "--stages", "train"]) == 0
+    # the reference, so the loss is log 2 (for any λ) and no pair is below the reference.
+    assert main(["run", config, *overrides[2:], "--stages", "train", "--set", "train.dpop_lambda=0"]) == 0
     (first,) = [json.loads(line) for line in open(run / "train" / "metrics.jsonl")]
     assert abs(first["loss"] - math.log(2)) < 1e-3
     assert first["dpop/penalty_active"] == 0 and first["logps/ref_gap"] < 1e-3
+    # Plain DPO (λ = 0) on pairs one number apart (median edit distance 1): the manifest warns and names DPOP.
+    from pipeline.train import low_edit_distance_warning
+
+    assert low_edit_distance_warning(50.0, 1.0) is None and low_edit_distance_warning(0.0, 40.0) is None
+    train = read_manifest(run, "train")
+    assert train["median_edit_distance"] == 1.0
+    (warning,) = train["warnings"]
+    assert "plain DPO" in warning and "DPOP" in warning and "train.dpop_lambda" in warning

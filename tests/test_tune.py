@@ -80,7 +80,9 @@ def test_a_failing_trial_is_recorded_and_the_others_finish(sweep_config):
     """β = 1e38 overflows the gradients: that trial fails (non-finite gradient norm); the other one finishes."""
     config, run_dir = sweep_config
     assert main(["run", config, "--stages", "tune", "--set", "tune.beta=[0.1, 1.0e+38]",
-                 "--set", "tune.dpop_lambda=[50.0]", "--set", "tune.scheduler=none"]) == 0
+                 "--set", "tune.dpop_lambda=[50.0]", "--set", "tune.scheduler=none",
+                 # A non-finite loss repeats on every attempt: no retry of the failing trial's workers.
+                 "--set", "train.max_failures=0"]) == 0
     trials = pq.read_table(run_dir / "tune" / "trials.parquet").to_pandas().set_index("beta")
     assert trials.loc[1e38, "status"] == "failed" and "non-finite gradient norm" in trials.loc[1e38, "error"]
     assert trials.loc[0.1, "status"] == "finished" and trials.loc[0.1, "steps"] == 8
