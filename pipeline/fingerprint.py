@@ -11,9 +11,7 @@ the stages that read it stale, or training would run against another model's ref
 - Data: each file's SHA-256, streamed. Files above FULL_DIGEST_BYTES enter by size, modification time and the
   digest of their first and last DIGEST_EDGE_BYTES (an edit in their middle that keeps size and time is missed).
   `hf:` sources enter by name, subset and split.
-Local files' digests are cached per process by (path, size, modification time in ns).
 """
-import functools
 import hashlib
 import os
 
@@ -35,15 +33,8 @@ def digest(value) -> str:
 
 
 def _file_digest(uri: str, size: int, mtime_ns: int) -> str:
-    """Local files are cached by (path, size, modification time in ns). Object stores keep times to the second at
-    best, so a same-size rewrite within a second would look unchanged: those are read every time (once per
-    `dpop` command, since the runner computes the fingerprints once)."""
-    if "://" in uri:
-        return _read_digest(uri, size, mtime_ns)
-    return _cached_digest(uri, size, mtime_ns)
-
-
-def _read_digest(uri: str, size: int, mtime_ns: int) -> str:
+    """Read and hashed on every call: no cache keyed by size and time, which an in-place edit that keeps both would
+    fool. The runner computes a command's fingerprints once, so each file is read once per `dpop` command."""
     fs, path = storage.resolve(uri)
     sha = hashlib.sha256()
     with fs.open_input_file(path) as f:
@@ -55,9 +46,6 @@ def _read_digest(uri: str, size: int, mtime_ns: int) -> str:
             sha.update(f.read_at(DIGEST_EDGE_BYTES, 0))
             sha.update(f.read_at(DIGEST_EDGE_BYTES, size - DIGEST_EDGE_BYTES))
     return sha.hexdigest()[:16]
-
-
-_cached_digest = functools.lru_cache(maxsize=4096)(_read_digest)
 
 
 def _files(uri: str) -> list[tuple[str, str, pafs.FileInfo]]:
