@@ -169,9 +169,10 @@ def keep_finished_files(out: str, wanted: Counter) -> Counter:
             storage.delete_file(file)
     done = sum(by_file.values(), Counter())
     incomplete = {pair_id for pair_id, n in done.items() if n != wanted.get(pair_id, 0)}
+    incomplete_array = pa.array(sorted(incomplete), pa.string())
     for file, ids in list(by_file.items()):
         if incomplete & ids.keys():
-            table = _not_in(_read_parquet(file), pa.array(sorted(incomplete), pa.string()))
+            table = _not_in(_read_parquet(file), incomplete_array)
             storage.write_parquet(table, file)
             by_file[file] = Counter(table["pair_id"].to_pylist())
     return sum(by_file.values(), Counter())
