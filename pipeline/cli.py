@@ -1,8 +1,9 @@
-"""`dpop run CONFIG` and `dpop status CONFIG` (also `python -m pipeline ...`)."""
+"""`dpop run CONFIG`, `dpop status CONFIG` and `dpop report CONFIG` (also `python -m pipeline ...`)."""
 import argparse
 import sys
 
 from pipeline.config import ConfigError, config_warnings, load_config
+from pipeline.report import write_report
 from pipeline.runner import STAGE_NAMES, PlanError, StageFailed, run_stages, stage_states
 
 
@@ -20,7 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--force", type=_stage_list, default=[], help="rerun these stages even if current")
     status = sub.add_parser("status", help="show each stage: done, stale or missing")
     status.add_argument("config", help="YAML config file")
-    for p in (run, status):
+    report = sub.add_parser("report", help="write report.md (and its PNGs) beside the stages, from storage")
+    report.add_argument("config", help="YAML config file")
+    for p in (run, status, report):
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key by its dotted path, e.g. train.beta=0.05")
     args = parser.parse_args(argv)
@@ -31,15 +34,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.command == "status":
-            print(f"{'stage':<10} {'state':<8} {'rows':>8}  path")
+            print(f"{'stage':<10} {'state':<8} {'rows':>8}  {'reads':<22} path")
             for row in stage_states(cfg):
                 rows = "" if row["rows"] is None else row["rows"]
                 why = f"  ({row['why']})" if row["why"] else ""
-                print(f"{row['stage']:<10} {row['state']:<8} {rows:>8}  {row['path']}{why}")
+                reads = ",".join(row["reads"]) or "-"
+                print(f"{row['stage']:<10} {row['state']:<8} {rows:>8}  {reads:<22} {row['path']}{why}")
+            return 0
+        if args.command == "report":
+            print(f"[dpop] report: {write_report(cfg)}")
             return 0
         for warning in config_warnings(cfg):
             print(f"[dpop] WARNING: {warning}", file=sys.stderr, flush=True)
         run_stages(cfg, args.stages, args.force)
+        try:
+            print(f"[dpop] report: {write_report(cfg)}", flush=True)
+        except Exception as e:  # the stages are done and on storage; a report that fails must not hide that
+            print(f"[dpop] WARNING: the run report failed ({type(e).__name__}: {e}); `dpop report` retries it",
+                  file=sys.stderr, flush=True)
     except PlanError as e:
         print(f"dpop: {e}", file=sys.stderr)
         return 2

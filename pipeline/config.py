@@ -199,6 +199,60 @@ class TuneSection:
 
 
 @dataclass
+class EvalSourceSection:
+    path: str
+    """A local .jsonl/.json/.parquet file or folder, an s3:// or gs:// URI, or `hf:NAME`: read as data.sources are."""
+    task: Literal["multiple_choice", "gsm8k"]
+    """`multiple_choice`: score every choice by its log-likelihood after the question (lm-evaluation-harness's
+    `acc` and `acc_norm`; ARC, HellaSwag and any layout `fields` maps). `gsm8k`: greedy generation after a k-shot
+    prompt, exact match of the final number (question and a worked answer ending '#### N')."""
+    name: str | None = None
+    """Task name in results.json; unset: the file name without extension."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """Rename input fields to the names the task expects (question, choices, answer; gsm8k: question, answer)."""
+    split: str = "test"
+    """Split of a Hugging Face dataset (`hf:` paths only)."""
+    subset: str | None = None
+    """Hugging Face dataset configuration name (`hf:` paths only)."""
+    limit: int | None = None
+    """Evaluate at most this many items (after the few-shot examples)."""
+    prompt_template: str | None = None
+    """`multiple_choice`: the context made from `{question}`; unset: the layout's default ("Question: {question}
+    \nAnswer:", HellaSwag's own context)."""
+    num_fewshot: int = 5
+    """`gsm8k`: worked examples before each question, the first rows of the file (which are then not scored)."""
+    max_new_tokens: int = 256
+    """`gsm8k`: the longest answer generated."""
+    stop: list[str] = field(default_factory=lambda: ["Question:", "\n\n"])
+    """`gsm8k`: generation ends at the first of these (and at the end-of-sequence token)."""
+
+
+@dataclass
+class EvalSection:
+    policies: list[Literal["train", "tune"]] = field(default_factory=lambda: ["train"])
+    """Which trained policies to evaluate against the reference model: `train`'s model, and/or the model of every
+    finished trial of `tune`."""
+    pairs: bool = True
+    """Score the held-out pairs (the reference stage's eval split, never trained on) with each policy: reward
+    accuracy and margin, and the change in chosen and rejected log-probs against the reference."""
+    sources: list[EvalSourceSection] = field(default_factory=list)
+    """Benchmarks that never enter training: multiple choice by log-likelihood, GSM8K-style exact match."""
+    max_length: int = 1024
+    """Longest context + continuation (or prompt + generated answer) in tokens; a longer item is dropped as
+    `too_long`. Must fit the model's context."""
+    backend: Literal["vllm", "hf"] | None = None
+    """Engine that scores and generates, for every model alike; unset: reference.backend. Precision, actors and
+    GPUs are the reference section's (reference.dtype, num_actors, use_gpu, ...)."""
+    batch_size: int = execution_only(64)
+    """Requests per Ray Data batch sent to one actor."""
+    select_by: str | None = None
+    """An eval result, as task/metric (e.g. gsm8k/exact_match, pairs/rewards/accuracies), that picks the best trial
+    of the sweep once every trial's model is scored: written to eval/best.json. Needs `tune` in eval.policies."""
+    select_mode: Literal["min", "max"] = "max"
+    """Whether lower or higher `select_by` is better."""
+
+
+@dataclass
 class Config:
     run: RunSection
     model: ModelSection
@@ -207,6 +261,8 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     tune: TuneSection | None = None
     """The sweep; without this section `dpop run` has no tune stage to run."""
+    eval: EvalSection | None = None
+    """Benchmarks of the trained policies against the reference; without this section there is no eval stage."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -347,6 +403,8 @@ def validate(cfg: Config) -> Config:
         _positive("tune.grace_period", cfg.tune.grace_period)
         if cfg.tune.max_concurrent_trials is not None:
             _positive("tune.max_concurrent_trials", cfg.tune.max_concurrent_trials)
+    if cfg.eval is not None:
+        _validate_eval(cfg)
     per_step = t.micro_batch_size * t.num_workers
     if t.batch_size % per_step:
         raise ConfigError(
@@ -356,6 +414,64 @@ def validate(cfg: Config) -> Config:
     if t.warmup_steps >= t.max_steps:
         raise ConfigError(f"train.warmup_steps: {t.warmup_steps} must be below train.max_steps {t.max_steps}")
     return cfg
+
+
+def eval_task_names(cfg: Config) -> list[str]:
+    """The tasks the eval stage reports, by the names results.json uses."""
+    names = ["pairs"] if cfg.eval.pairs else []
+    return names + [s.name or os.path.splitext(os.path.basename(s.path.rstrip("/")))[0] for s in cfg.eval.sources]
+
+
+def _validate_eval(cfg: Config) -> None:
+    from pipeline.evaluate import TASK_METRICS  # the eval stage owns its metric names
+
+    ev = cfg.eval
+    if not ev.policies:
+        raise ConfigError("eval.policies: needs train, tune or both")
+    if "tune" in ev.policies and cfg.tune is None:
+        raise ConfigError("eval.policies: lists tune, but the config has no tune section")
+    if ev.pairs and cfg.data.eval_fraction == 0:
+        raise ConfigError("eval.pairs: scores the held-out pairs, but data.eval_fraction is 0 (no pair is held out); "
+                          "raise it or set eval.pairs=false")
+    if not ev.pairs and not ev.sources:
+        raise ConfigError("eval: nothing to evaluate: eval.pairs is false and eval.sources is empty")
+    _positive("eval.max_length", ev.max_length)
+    _positive("eval.batch_size", ev.batch_size)
+    for i, source in enumerate(ev.sources):
+        key = f"eval.sources[{i}]"
+        local = not _is_uri(source.path) and not source.path.startswith("hf:")
+        if local and not os.path.exists(source.path):
+            raise ConfigError(f"{key}.path: no such file or folder: {source.path!r}")
+        if source.limit is not None:
+            _positive(f"{key}.limit", source.limit)
+        _positive(f"{key}.num_fewshot", source.num_fewshot, allow_zero=True)
+        _positive(f"{key}.max_new_tokens", source.max_new_tokens)
+        if source.max_new_tokens >= ev.max_length:
+            raise ConfigError(f"{key}.max_new_tokens: {source.max_new_tokens} leaves no room for a prompt within "
+                              f"eval.max_length {ev.max_length}")
+        if not source.stop or not all(source.stop):
+            raise ConfigError(f"{key}.stop: needs one or more non-empty strings, got {source.stop!r}")
+        if source.prompt_template is not None and \
+                _template_fields(source.prompt_template, f"{key}.prompt_template") != {"question"}:
+            raise ConfigError(f"{key}.prompt_template: must use {{question}} and no other placeholder, got "
+                              f"{source.prompt_template!r}")
+    names = eval_task_names(cfg)
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"eval.sources: task name(s) {', '.join(repeated)} used twice (set each source's name)")
+    select_by = ev.select_by
+    if select_by:
+        if "tune" not in ev.policies:
+            raise ConfigError("eval.select_by: ranks the trials' eval results, but eval.policies does not list tune")
+        task, _, metric = select_by.partition("/")
+        tasks = {n: ("pairs" if n == "pairs" else s.task) for n, s in
+                 zip(names, ([None] if ev.pairs else []) + list(ev.sources))}
+        if task not in tasks:
+            raise ConfigError(f"eval.select_by: {select_by!r} names no eval task; tasks are {', '.join(names)} "
+                              f"(write task/metric)")
+        if metric not in TASK_METRICS[tasks[task]]:
+            raise ConfigError(f"eval.select_by: {task} reports {', '.join(TASK_METRICS[tasks[task]])}, not "
+                              f"{metric!r}")
 
 
 def _check_tune_metric(cfg: Config) -> None:
@@ -393,11 +509,15 @@ def check_model_limits(cfg: Config) -> None:
     if context is None:
         return
     # vLLM scores a sequence as a prompt and must generate one token after it.
-    needed = cfg.data.max_length + (1 if cfg.reference.backend == "vllm" else 0)
-    if needed > context:
-        raise ConfigError(f"data.max_length: {cfg.data.max_length} does not fit the context length {context} of "
-                          f"{cfg.model.name_or_path}" + (" (the vllm backend needs one more position)"
-                                                         if cfg.reference.backend == "vllm" else ""))
+    limits = [("data.max_length", cfg.data.max_length, cfg.reference.backend)]
+    if cfg.eval is not None:
+        limits.append(("eval.max_length", cfg.eval.max_length, cfg.eval.backend or cfg.reference.backend))
+    for key, length, backend in limits:
+        needed = length + (1 if backend == "vllm" else 0)
+        if needed > context:
+            raise ConfigError(f"{key}: {length} does not fit the context length {context} of "
+                              f"{cfg.model.name_or_path}" + (" (the vllm backend needs one more position)"
+                                                             if backend == "vllm" else ""))
 
 
 def training_dtype(cfg: Config) -> str:
@@ -442,7 +562,7 @@ def _absolute_local_paths(cfg: Config) -> None:
     """Ray workers may start in another directory: make relative local paths absolute here, in the driver."""
     if not _is_uri(cfg.run.storage):
         cfg.run.storage = os.path.abspath(cfg.run.storage)
-    for source in cfg.data.sources:
+    for source in [*cfg.data.sources, *(cfg.eval.sources if cfg.eval else [])]:
         if not _is_uri(source.path) and not source.path.startswith("hf:"):
             source.path = os.path.abspath(source.path)
     for holder, attr in ((cfg.model, "name_or_path"), (cfg.model, "tokenizer")):
@@ -504,7 +624,8 @@ def reference_markdown() -> str:
             if isinstance(statement, ast.AnnAssign) and isinstance(following, ast.Expr):
                 docs[(node.name, statement.target.id)] = " ".join(str(following.value.value).split())
     sections = [("run", RunSection), ("model", ModelSection), ("data", DataSection), ("data.sources[]", SourceSection),
-                ("reference", ReferenceSection), ("train", TrainSection), ("tune", TuneSection)]
+                ("reference", ReferenceSection), ("train", TrainSection), ("tune", TuneSection),
+                ("eval", EvalSection), ("eval.sources[]", EvalSourceSection)]
     lines = []
     for prefix, cls in sections:
         lines += ["", f"**`{prefix}`**", "", "| key | default | meaning |", "|---|---|---|"]

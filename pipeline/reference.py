@@ -1,7 +1,7 @@
 """`reference` stage (Ray Data actor pool): pairs + the reference model's log-probs of both completions.
 
-Each actor holds one model: a `vllm.LLM` (backend `vllm`) that scores prompt+completion token ids with prompt
-log-probs, or a transformers model (backend `hf`). Both sum log p over completion tokens only and write
+Each actor holds one engine (`ENGINES`): a `vllm.LLM` (backend `vllm`) that scores prompt+completion token ids with
+prompt log-probs, or a transformers model (backend `hf`); the eval stage uses the same engines. Both sum log p over completion tokens only and write
 `ref_chosen_logp`, `ref_rejected_logp` (float64) beside the pair columns. Pairs with a non-finite log-prob are
 dropped and counted. Output is written as it is scored, so a rerun after a crash scores only what is missing.
 """
@@ -9,7 +9,6 @@ from collections import Counter
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
-import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.config import Config
@@ -30,13 +29,14 @@ def _sequences(batch: pa.Table) -> tuple[list[list[int]], list[list[int]]]:
     return prompts * 2, batch["chosen_ids"].to_pylist() + batch["rejected_ids"].to_pylist()
 
 
-class VLLMScorer:
-    """One vLLM engine per actor. prompt_logprobs=0 returns the log-prob of each actual prompt token."""
+class VLLMEngine:
+    """One vLLM engine: summed completion log-probs (prompt log-probs of prompt+completion) and greedy answers."""
 
     def __init__(self, model: str, tokenizer: str | None, dtype: str, tensor_parallel_size: int,
                  gpu_memory_utilization: float, max_model_len: int, trust_remote_code: bool, seed: int):
-        from vllm import LLM, SamplingParams
+        from vllm import LLM
 
+        model = storage.local_dir(model)
         self.llm = LLM(
             model=model,
             tokenizer=tokenizer or model,
@@ -51,42 +51,51 @@ class VLLMScorer:
             trust_remote_code=trust_remote_code,
             seed=seed,
         )
-        self.params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def logps(self, prompts: list[list[int]], completions: list[list[int]]) -> list[float]:
+        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        prompts, completions = _sequences(batch)
+        # prompt_logprobs=0: the log-prob of each actual prompt token, no alternatives.
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
         sequences = [p + c for p, c in zip(prompts, completions)]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], self.params, use_tqdm=False)
-        logps = []
-        for output, sequence, prompt in zip(outputs, sequences, prompts):
-            # prompt_logprobs[i] is {token_id: Logprob} for token i given tokens < i (None at i = 0).
-            logps.append(sum(output.prompt_logprobs[i][sequence[i]].logprob for i in range(len(prompt), len(sequence))))
-        return _with_reference(batch, logps)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
+        # prompt_logprobs[i] is {token_id: Logprob} for token i given tokens < i (None at i = 0).
+        return [sum(output.prompt_logprobs[i][sequence[i]].logprob for i in range(len(prompt), len(sequence)))
+                for output, sequence, prompt in zip(outputs, sequences, prompts)]
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop: list[str]) -> list[str]:
+        """Greedy answers, cut before the first stop string (and at the end-of-sequence token)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=stop)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        return [cut_at_stop(output.outputs[0].text, stop) for output in outputs]
 
 
-class HFScorer:
-    """A transformers model per actor; the same summed completion log-probs through pipeline.logprobs."""
+class HFEngine:
+    """A transformers model: the same summed completion log-probs through pipeline.logprobs, and greedy answers."""
 
     def __init__(self, model: str, dtype: str, use_gpu: bool, micro_batch_size: int, trust_remote_code: bool):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = torch.device("cuda" if use_gpu else "cpu")
+        model = storage.local_dir(model)
         self.model = AutoModelForCausalLM.from_pretrained(
             model, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
         ).to(self.device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+        pad_id = self.tokenizer.pad_token_id
+        self.pad_id = pad_id if pad_id is not None else self.tokenizer.eos_token_id
         self.micro_batch_size = micro_batch_size
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def logps(self, prompts: list[list[int]], completions: list[list[int]]) -> list[float]:
         import torch
 
         from pipeline.logprobs import completion_logps, pad_pairs
 
-        prompts, completions = _sequences(batch)
         logps = []
         with torch.inference_mode():
             for start in range(0, len(prompts), self.micro_batch_size):
@@ -94,46 +103,86 @@ class HFScorer:
                 padded = pad_pairs(prompts[start:end], completions[start:end], self.pad_id)
                 padded = {k: v.to(self.device) for k, v in padded.items()}
                 logps.extend(completion_logps(self.model, padded).double().tolist())
-        return _with_reference(batch, logps)
+        return logps
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop: list[str]) -> list[str]:
+        import torch
+
+        answers = []
+        with torch.inference_mode():
+            for start in range(0, len(prompts), self.micro_batch_size):
+                chunk = prompts[start:start + self.micro_batch_size]
+                width = max(map(len, chunk))
+                # Left padding: every prompt ends where generation starts.
+                input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in chunk], device=self.device)
+                attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk],
+                                              device=self.device)
+                generated = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                                max_new_tokens=max_new_tokens, do_sample=False,
+                                                pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id)
+                for row in generated[:, width:].tolist():
+                    answers.append(cut_at_stop(self.tokenizer.decode(row, skip_special_tokens=True), stop))
+        return answers
 
 
-def score_pairs(ds, cfg: Config):
-    """Add the reference columns to a Ray Dataset of pairs (lazy; nothing runs until it is consumed)."""
-    ref, model = cfg.reference, cfg.model
-    gpus = ref.tensor_parallel_size if ref.use_gpu else 0
-    if ref.backend == "vllm":
-        scorer, kwargs = VLLMScorer, dict(
-            model=model.name_or_path,
-            tokenizer=model.tokenizer,
+def cut_at_stop(text: str, stop: list[str]) -> str:
+    """The text before the first stop string."""
+    cuts = [text.find(s) for s in stop if s in text]
+    return text[:min(cuts)] if cuts else text
+
+
+ENGINES = {"vllm": VLLMEngine, "hf": HFEngine}
+
+
+class PairScorer:
+    """Ray Data actor: the reference columns for a batch of pairs."""
+
+    def __init__(self, backend: str, engine_kwargs: dict):
+        self.engine = ENGINES[backend](**engine_kwargs)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        prompts, completions = _sequences(batch)
+        return _with_reference(batch, self.engine.logps(prompts, completions))
+
+
+def engine_actor(cfg: Config, model: str, max_length: int, backend: str) -> dict:
+    """`map_batches` arguments for an actor pool whose actors each hold one `backend` engine of `model` (the
+    reference section's precision and actor resources), scoring sequences of up to `max_length` tokens. The
+    reference and eval stages share it, so policy and reference are scored alike."""
+    ref = cfg.reference
+    if backend == "vllm":
+        engine_kwargs = dict(
+            model=model,
+            # The policy folders hold the tokenizer saved with them; the reference may name its own.
+            tokenizer=cfg.model.tokenizer if model == cfg.model.name_or_path else None,
             dtype=ref.dtype,
             tensor_parallel_size=ref.tensor_parallel_size,
             gpu_memory_utilization=ref.gpu_memory_utilization,
-            max_model_len=cfg.data.max_length + 1,  # + the one token vLLM must generate
-            trust_remote_code=model.trust_remote_code,
+            max_model_len=max_length + 1,  # + the one token vLLM must generate after a scored sequence
+            trust_remote_code=cfg.model.trust_remote_code,
             seed=cfg.run.seed,
         )
         # Set in the actor's own process, before vLLM is imported there.
         env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if ref.tensor_parallel_size == 1 else {}
         runtime_env = {"env_vars": env}
     else:
-        scorer, kwargs = HFScorer, dict(
-            model=model.name_or_path,
-            dtype=ref.dtype,
-            use_gpu=ref.use_gpu,
-            micro_batch_size=ref.micro_batch_size,
-            trust_remote_code=model.trust_remote_code,
-        )
+        engine_kwargs = dict(model=model, dtype=ref.dtype, use_gpu=ref.use_gpu, micro_batch_size=ref.micro_batch_size,
+                             trust_remote_code=cfg.model.trust_remote_code)
         runtime_env = None
-    return ds.map_batches(
-        scorer,
-        fn_constructor_kwargs=kwargs,
-        batch_size=ref.batch_size,
+    return dict(
+        fn_constructor_kwargs={"backend": backend, "engine_kwargs": engine_kwargs},
         batch_format="pyarrow",
         concurrency=ref.num_actors,
-        num_gpus=gpus,
+        num_gpus=ref.tensor_parallel_size if ref.use_gpu else 0,
         num_cpus=ref.cpus_per_actor,
         runtime_env=runtime_env,
     )
+
+
+def score_pairs(ds, cfg: Config):
+    """Add the reference columns to a Ray Dataset of pairs (lazy; nothing runs until it is consumed)."""
+    return ds.map_batches(PairScorer, batch_size=cfg.reference.batch_size,
+                          **engine_actor(cfg, cfg.model.name_or_path, cfg.data.max_length, cfg.reference.backend))
 
 
 NONFINITE_IDS_KEPT = 100  # pair ids listed in the manifest; the count covers them all
@@ -143,11 +192,6 @@ def is_finite(batch: pa.Table) -> pa.Array:
     """Both reference log-probs finite. A NaN or ±inf (float16 overflow, a broken model) would make training fail
     blaming β, or let a −inf pair contribute nothing while it seems to train."""
     return pa.compute.and_(pa.compute.is_finite(batch[REF_COLUMNS[0]]), pa.compute.is_finite(batch[REF_COLUMNS[1]]))
-
-
-def _read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
-    fs, path = storage.resolve(uri)
-    return pq.read_table(path, columns=columns, filesystem=fs)
 
 
 def _output_files(out: str) -> list[str]:
@@ -164,7 +208,7 @@ def keep_finished_files(out: str, wanted: Counter) -> Counter:
     by_file = {}
     for file in _output_files(out):
         try:
-            by_file[file] = Counter(_read_parquet(file, ["pair_id"]).column(0).to_pylist())
+            by_file[file] = Counter(storage.read_parquet(file, ["pair_id"]).column(0).to_pylist())
         except (pa.ArrowInvalid, OSError):
             storage.delete_file(file)
     done = sum(by_file.values(), Counter())
@@ -172,7 +216,7 @@ def keep_finished_files(out: str, wanted: Counter) -> Counter:
     incomplete_array = pa.array(sorted(incomplete), pa.string())
     for file, ids in list(by_file.items()):
         if incomplete & ids.keys():
-            table = _not_in(_read_parquet(file), incomplete_array)
+            table = _not_in(storage.read_parquet(file), incomplete_array)
             storage.write_parquet(table, file)
             by_file[file] = Counter(table["pair_id"].to_pylist())
     return sum(by_file.values(), Counter())
@@ -208,7 +252,7 @@ def compute_reference(cfg: Config, stage) -> dict:
 
     columns = ["pair_id", "split", *REF_COLUMNS]
     files = _output_files(stage.out)
-    written = pa.concat_tables([_read_parquet(f, columns) for f in files]).to_pandas() if files else \
+    written = pa.concat_tables([storage.read_parquet(f, columns) for f in files]).to_pandas() if files else \
         pa.table({c: [] for c in columns}).to_pandas()
     nonfinite = wanted - Counter(written.pair_id)  # every pair is written or dropped, and nothing else is written
     assert not Counter(written.pair_id) - wanted, "the reference output holds pairs that are not in the input"

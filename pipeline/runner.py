@@ -13,7 +13,7 @@ import os
 import platform
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from pipeline import storage
@@ -41,8 +41,8 @@ class StageFailed(RuntimeError):
 @dataclass(frozen=True)
 class Stage:
     name: str
-    needs: str | None
-    """The upstream stage whose output this one reads."""
+    needs: tuple[str, ...]
+    """The upstream stages whose output this one reads (those it may read, for eval: see `upstreams`)."""
     sections: tuple[str, ...]
     """Config sections that decide this stage's output."""
     reads: tuple[str, ...]
@@ -54,25 +54,37 @@ class Stage:
     training checkpoints) instead of clearing it."""
 
 
+def upstreams(stage: Stage, cfg: Config) -> tuple[str, ...]:
+    """The upstream stages `stage` reads under this config: eval reads the reference stage and the policies that
+    eval.policies names (train's model, every trial of tune)."""
+    if stage.name == "eval":
+        return tuple(n for n in stage.needs if n == "reference" or n in cfg.eval.policies)
+    return stage.needs
+
+
 CONTENT = {
     # The tokenizer files and chat template: the token ids and texts of the pairs (weights left out).
     "tokenizer": lambda cfg: model_identity(cfg.model.tokenizer or cfg.model.name_or_path, weights=False),
     # Every file of the model, weights by size and time: what the reference and the policy start from.
     "model": lambda cfg: model_identity(cfg.model.name_or_path),
     "sources": lambda cfg: [source_identity(s.path, s.subset, s.split) for s in cfg.data.sources],
+    "eval_sources": lambda cfg: [source_identity(s.path, s.subset, s.split) for s in cfg.eval.sources],
     # Only the stages that draw random numbers: a new seed must not rerun the reference pass.
     "seed": lambda cfg: cfg.run.seed,
 }
 
 STAGES = (
-    Stage("pairs", None, ("model", "data"), ("tokenizer", "sources"), "pipeline.pairs:build_pairs"),
-    Stage("reference", "pairs", ("model", "reference"), ("model",), "pipeline.reference:compute_reference",
+    Stage("pairs", (), ("model", "data"), ("tokenizer", "sources"), "pipeline.pairs:build_pairs"),
+    Stage("reference", ("pairs",), ("model", "reference"), ("model",), "pipeline.reference:compute_reference",
           resumable=True),
-    Stage("train", "reference", ("model", "train"), ("model", "seed"), "pipeline.train:train_policy",
+    Stage("train", ("reference",), ("model", "train"), ("model", "seed"), "pipeline.train:train_policy",
           resumable=True),
     # Reads the same reference output as train, so a sweep never recomputes reference log-probs.
-    Stage("tune", "reference", ("model", "train", "tune"), ("model", "seed"), "pipeline.tune:sweep",
+    Stage("tune", ("reference",), ("model", "train", "tune"), ("model", "seed"), "pipeline.tune:sweep",
           resumable=True),
+    # The reference stage's held-out pairs and log-probs, and the policies of train and/or tune.
+    Stage("eval", ("reference", "train", "tune"), ("model", "data", "reference", "eval"), ("model", "eval_sources"),
+          "pipeline.evaluate:evaluate_policies"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -87,6 +99,8 @@ class StageContext:
     resuming: bool = False
     """The folder holds the partial output of an interrupted run of this same stage (same fingerprint, same
     upstream output): keep what it finished."""
+    manifests: dict[str, dict] = field(default_factory=dict)
+    """Upstream stage name -> its manifest."""
 
 
 def stage_uri(cfg: Config, name: str) -> str:
@@ -109,23 +123,25 @@ def fingerprint_parts(cfg: Config) -> dict[str, dict[str, str]]:
     for stage in STAGES:
         if any(getattr(cfg, section) is None for section in stage.sections):
             continue  # an unconfigured stage (tune) has nothing to fingerprint
+        needs = upstreams(stage, cfg)
         parts[stage.name] = {
             "config": digest({s: fingerprint_view(getattr(cfg, s)) for s in stage.sections}),
             **{key: read(key) for key in stage.reads},
-            "upstream": digest(parts[stage.needs]) if stage.needs else "",
+            "upstream": digest({name: parts[name] for name in needs}) if needs else "",
         }
     return parts
 
 
-def _why_stale(manifest: dict, expected_parts: dict, upstream: dict | None) -> str | None:
-    """None when the manifest is current; else what changed, in words."""
+def _why_stale(manifest: dict, expected_parts: dict, upstream: dict[str, dict | None]) -> str | None:
+    """None when the manifest is current; else what changed, in words. `upstream`: each upstream's manifest."""
     recorded = manifest.get("fingerprint_parts") or {}
     changed = [key for key, value in expected_parts.items() if recorded.get(key) != value]
     if changed:
         return "changed: " + ", ".join(changed)
-    if upstream is not None:
-        (name, read), = manifest.get("inputs", {}).items()
-        if not isinstance(read, dict) or read.get("run_id") != upstream.get("run_id"):
+    inputs = manifest.get("inputs", {})
+    for name, upstream_manifest in upstream.items():
+        read = inputs.get(name)
+        if not isinstance(read, dict) or read.get("run_id") != (upstream_manifest or {}).get("run_id"):
             return f"{name} was rerun since"
     return None
 
@@ -147,13 +163,16 @@ def stage_states(cfg: Config, expected: dict | None = None) -> list[dict]:
         elif manifest.get("status") == "failed":
             state, why = "failed", manifest.get("error")
         else:
-            why = _why_stale(manifest, expected[stage.name], manifests.get(stage.needs))
-            if not why and stage.needs and states.get(stage.needs) == "stale":
-                why = f"{stage.needs} is stale"  # built on output that is itself out of date
+            needs = upstreams(stage, cfg)
+            why = _why_stale(manifest, expected[stage.name], {name: manifests[name] for name in needs})
+            stale_upstream = [name for name in needs if states.get(name) == "stale"]
+            if not why and stale_upstream:
+                why = f"{stale_upstream[0]} is stale"  # built on output that is itself out of date
             state = "stale" if why else "done"
         states[stage.name] = state
         rows.append({"stage": stage.name, "state": state, "why": why, "rows": (manifest or {}).get("rows"),
-                     "path": uri, "manifest": manifest})
+                     "reads": upstreams(stage, cfg) if stage.name in expected else (), "path": uri,
+                     "manifest": manifest})
     return rows
 
 
@@ -205,16 +224,17 @@ def plan(cfg: Config, only: list[str] | None, force: list[str],
     for stage in STAGES:
         if stage.name not in selected:
             continue
-        if stage.needs and stage.needs not in will_be_done and not any(s.name == stage.needs for s, _ in steps):
-            raise PlanError(
-                f"stage {stage.name} needs {stage.needs}, which is {states[stage.needs]}: "
-                f"add {stage.needs} to --stages or run it first"
-            )
-        upstream_reruns = any(s.name == stage.needs for s, _ in steps)
+        needs = upstreams(stage, cfg)
+        planned = {s.name for s, _ in steps}
+        for name in needs:
+            if name not in will_be_done and name not in planned:
+                raise PlanError(f"stage {stage.name} needs {name}, which is {states[name]}: "
+                                f"add {name} to --stages or run it first")
+        upstream_reruns = [name for name in needs if name in planned]
         if stage.name in force:
             steps.append((stage, "forced"))
         elif upstream_reruns:
-            steps.append((stage, f"{stage.needs} reruns"))
+            steps.append((stage, f"{upstream_reruns[0]} reruns"))
         elif states[stage.name] != "done":
             steps.append((stage, states[stage.name]))
         else:
@@ -230,7 +250,7 @@ def check_gpus(cfg: Config, stages: list[Stage]) -> None:
     have = ray.cluster_resources().get("GPU", 0)
     needs = {}
     names = {s.name for s in stages}
-    if "reference" in names and cfg.reference.use_gpu:
+    if names & {"reference", "eval"} and cfg.reference.use_gpu:  # eval scores on the reference's actors
         needs["reference.use_gpu"] = cfg.reference.tensor_parallel_size
     if names & {"train", "tune"} and cfg.train.use_gpu:
         needs["train.use_gpu"] = cfg.train.num_workers
@@ -259,10 +279,10 @@ def _run_steps(cfg: Config, steps: list[tuple[Stage, str]], expected_parts: dict
         out = stage_uri(cfg, stage.name)
         manifest_uri = storage.join(out, MANIFEST)
         fingerprint = digest(expected_parts[stage.name])
-        inputs = {}
-        if stage.needs:
-            upstream = storage.read_json(storage.join(stage_uri(cfg, stage.needs), MANIFEST))
-            inputs[stage.needs] = {"fingerprint": upstream["fingerprint"], "run_id": upstream.get("run_id")}
+        needs = upstreams(stage, cfg)
+        upstream_manifests = {name: storage.read_json(storage.join(stage_uri(cfg, name), MANIFEST)) for name in needs}
+        inputs = {name: {"fingerprint": m["fingerprint"], "run_id": m.get("run_id")}
+                  for name, m in upstream_manifests.items()}
         # Written first: partial output is resumed only by a run of the same stage on the same upstream output.
         marker_uri, marker = storage.join(out, STARTED), {"fingerprint": fingerprint, "inputs": inputs}
         resuming = stage.resumable and reason == "missing" and storage.read_json(marker_uri) == marker
@@ -274,7 +294,8 @@ def _run_steps(cfg: Config, steps: list[tuple[Stage, str]], expected_parts: dict
         entry = getattr(importlib.import_module(module), function)
         context = StageContext(
             out=out,
-            inputs={stage.needs: stage_uri(cfg, stage.needs)} if stage.needs else {},
+            inputs={name: stage_uri(cfg, name) for name in needs},
+            manifests=upstream_manifests,
             fingerprint=fingerprint,
             resuming=resuming,
         )

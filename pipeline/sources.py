@@ -137,7 +137,7 @@ ARC_INSTRUCTION = re.compile(
     r"\n\nAnswer format:", re.DOTALL)
 
 
-def _multiple_choice_fields(row: dict, fields: dict[str, str]) -> tuple[str, list[str], object, list, str]:
+def multiple_choice_fields(row: dict, fields: dict[str, str]) -> tuple[str, list[str], object, list, str]:
     """(question, choices, answer, labels, default template) from any of the known layouts, by their keys."""
     if "instruction" in row and "answer" in row:  # ARC in LLM-Adapters' instruction form
         match = ARC_INSTRUCTION.match(row["instruction"] or "")
@@ -161,7 +161,7 @@ def _multiple_choice_fields(row: dict, fields: dict[str, str]) -> tuple[str, lis
     return question, choices, answer, labels, QA_TEMPLATE
 
 
-def _answer_index(answer, choices: list[str], labels: list | None) -> int:
+def answer_index(answer, choices: list[str], labels: list | None) -> int:
     """The right choice from a label (A, answer2), the choice's own text, or an index (0-based, or a digit string)."""
     if isinstance(answer, int) and not isinstance(answer, bool):
         index = answer
@@ -182,12 +182,12 @@ def parse_multiple_choice(row: dict, source: dict) -> list[RawPair]:
     """One pair per wrong choice: (question, right choice, wrong choice). Reads ARC (LLM-Adapters' instruction
     JSON and Hugging Face ai2_arc), HellaSwag (Hugging Face, and the six-line text layout), and any other dataset
     through `fields` naming its question, choices and answer (an index, a label, or the right choice's text)."""
-    question, choices, answer, labels, template = _multiple_choice_fields(row, source["fields"])
+    question, choices, answer, labels, template = multiple_choice_fields(row, source["fields"])
     if not isinstance(question, str) or not question.strip():
         raise Drop("empty_field", "empty question")
     if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices) or len(choices) < 2:
         raise Drop("too_few_choices", f"need two or more text choices, got {choices!r}"[:200])
-    right = _answer_index(answer, choices, labels)
+    right = answer_index(answer, choices, labels)
     wrongs = [choice for i, choice in enumerate(choices) if i != right]
     return _question_pairs(question.strip(), choices[right].strip(), [w.strip() for w in wrongs], source, template)
 

@@ -68,6 +68,14 @@ def write_parquet(table, uri: str) -> None:
         fs.move(target, path)
 
 
+def read_parquet(uri: str, columns: list[str] | None = None):
+    """A Parquet file, or a folder of them (its `_` and `.` files ignored), as one pyarrow Table."""
+    import pyarrow.parquet as pq
+
+    fs, path = resolve(uri)
+    return pq.read_table(path, columns=columns, filesystem=fs)
+
+
 def read_json(uri: str) -> dict | None:
     text = read_text(uri)
     return None if text is None else json.loads(text)
@@ -85,6 +93,19 @@ def delete_file(uri: str) -> None:
 def clear_dir(uri: str) -> None:
     fs, path = resolve(uri)
     fs.delete_dir_contents(path, missing_dir_ok=True)
+
+
+def local_dir(uri: str) -> str:
+    """A local folder with the files of `uri`: the path itself when it is local, else a copy in a new temporary
+    folder (a policy saved to an object store, for engines that read local files)."""
+    import tempfile
+
+    if "://" not in uri:
+        return uri  # a local folder, or a hub name the model libraries resolve themselves
+    fs, path = resolve(uri)
+    local = tempfile.mkdtemp(prefix="dpop-model-")
+    pafs.copy_files(path, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local
 
 
 def upload_dir(local_dir: str, uri: str) -> None:

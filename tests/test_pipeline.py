@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import shutil
 
 import pyarrow as pa
@@ -75,6 +76,146 @@ def test_saved_model_loads_and_moved_from_the_reference(demo, tiny_model):
         assert trained(ids).logits.shape[-1] == initial.config.vocab_size
     moved = [(a - b).abs().max().item() for a, b in zip(trained.parameters(), initial.parameters())]
     assert max(moved) > 1e-4
+
+
+@pytest.fixture(scope="module")
+def evaluated(demo):
+    """The demo run with an eval section (held-out pairs, a multiple-choice and a GSM8K-style benchmark), in a
+    config file of its own so the other tests keep the three-stage demo; `dpop run` runs only eval."""
+    import yaml
+
+    from conftest import write_config
+    from pipeline.demo import write_eval_data
+
+    config, run_dir, data = demo
+    benchmarks = write_eval_data(str(run_dir.parent / "eval_data"))
+    with open(config) as f:
+        raw = yaml.safe_load(f)
+    raw["eval"] = {"policies": ["train"], "max_length": 384, "sources": [
+        {"path": benchmarks["multiple_choice"], "task": "multiple_choice", "name": "sums_choice"},
+        {"path": benchmarks["gsm8k"], "task": "gsm8k", "name": "sums_gsm8k", "num_fewshot": 2,
+         "max_new_tokens": 24}]}
+    eval_config = write_config(run_dir.parent / "demo_eval.yaml", raw)
+    assert main(["run", eval_config]) == 0
+    return eval_config, run_dir, {**data, **benchmarks}
+
+
+def _results(run_dir) -> dict[tuple[str, str, str], float]:
+    rows = json.loads((run_dir / "eval" / "results.json").read_text())
+    return {(r["model"], r["task"], r["metric"]): r for r in rows}
+
+
+def _slow_logp(model, context: list[int], continuation: list[int]) -> float:
+    """log p(continuation | context), one forward pass per token, no batching or padding."""
+    import torch
+
+    sequence, total = context + continuation, 0.0
+    with torch.no_grad():
+        for i in range(len(context), len(sequence)):
+            logits = model(torch.tensor([sequence[:i]])).logits[0, -1].double()
+            total += torch.log_softmax(logits, -1)[sequence[i]].item()
+    return total
+
+
+def _slow_greedy(model, tokenizer, prompt: list[int], max_new_tokens: int, stop: list[str]) -> str:
+    import torch
+
+    sequence = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(torch.tensor([sequence])).logits[0, -1].argmax())
+            if token == tokenizer.eos_token_id:
+                break
+            sequence.append(token)
+    text = tokenizer.decode(sequence[len(prompt):], skip_special_tokens=True)
+    cuts = [text.find(s) for s in stop if s in text]
+    return text[:min(cuts)] if cuts else text
+
+
+def test_eval_scores_policy_and_reference_as_a_slow_computation_does(evaluated, capsys):
+    """results.json (vLLM, the demo's backend) against transformers, token by token: multiple-choice accuracy
+    from each choice's log-likelihood, greedy answers, and the held-out pairs' change in log p(chosen)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config, run_dir, data = evaluated
+    results = _results(run_dir)
+    manifest = read_manifest(run_dir, "eval")
+    train = read_manifest(run_dir, "train")
+    assert manifest["inputs"]["train"]["run_id"] == train["run_id"]
+    assert set(manifest["inputs"]) == {"reference", "train"}
+    assert manifest["rows_in"] == manifest["rows_out"] + manifest["rows_dropped"]
+    assert manifest["tasks"]["sums_gsm8k"]["dropped"] == {"fewshot_example": 2}
+    assert {m for m, _, _ in results} == {"reference", "train"}
+    tokenizer = AutoTokenizer.from_pretrained(data["model"])
+    questions = [json.loads(line) for line in open(data["multiple_choice"])]
+    problems = [json.loads(line) for line in open(data["gsm8k"])]
+    generations = pq.read_table(run_dir / "eval" / "generations.parquet").to_pandas()
+    eval_pairs = pq.read_table(run_dir / "reference").to_pandas().query("split == 'eval'")
+    for name, path in (("reference", data["model"]), ("train", run_dir / "train" / "model")):
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        acc = acc_norm = 0
+        for q in questions:
+            context = tokenizer(f"Question: {q['question']}\nAnswer:")["input_ids"]
+            lls = [_slow_logp(model, context, tokenizer(f"Question: {q['question']}\nAnswer: {c}")["input_ids"]
+                              [len(context):]) for c in q["choices"]]
+            acc += max(range(len(lls)), key=lls.__getitem__) == q["answer"]
+            acc_norm += max(range(len(lls)), key=lambda i: lls[i] / len(q["choices"][i])) == q["answer"]
+        assert results[(name, "sums_choice", "acc")]["value"] == pytest.approx(acc / len(questions))
+        assert results[(name, "sums_choice", "acc_norm")]["value"] == pytest.approx(acc_norm / len(questions))
+        assert results[(name, "sums_choice", "acc")]["n"] == len(questions)
+
+        shots = "".join(f"Question: {p['question']}\nAnswer: {p['answer']}\n\n" for p in problems[:2])
+        answers = generations[generations.model == name].answer.tolist()
+        expected = [_slow_greedy(model, tokenizer, tokenizer(f"{shots}Question: {p['question']}\nAnswer:")["input_ids"],
+                                 24, ["Question:", "\n\n"]) for p in problems[2:]]
+        assert answers == expected
+        if name == "train":
+            change = [_slow_logp(model, list(row.prompt_ids), list(row.chosen_ids)) - row.ref_chosen_logp
+                      for row in eval_pairs.itertuples()]
+            assert results[("train", "pairs", "logps/chosen_change")]["value"] == pytest.approx(
+                sum(change) / len(change), abs=1e-4)
+            assert results[("train", "pairs", "logps/chosen_change")]["n"] == len(eval_pairs)
+
+    # The graph: eval reads reference and train, and goes stale with either.
+    capsys.readouterr()
+    assert main(["status", config]) == 0
+    assert re.search(r"eval +done +\d+ +reference,train", capsys.readouterr().out)
+    assert main(["status", config, "--set", "train.beta=0.2"]) == 0
+    assert re.search(r"eval +stale .*\(changed: upstream\)", capsys.readouterr().out)
+    manifest_path = run_dir / "train" / "_manifest.json"
+    original = manifest_path.read_text()
+    manifest_path.write_text(original.replace(train["run_id"], "0" * 32))  # as a forced rerun of train leaves it
+    try:
+        assert main(["status", config]) == 0
+        assert "(train was rerun since)" in capsys.readouterr().out
+    finally:
+        manifest_path.write_text(original)
+
+
+def test_eval_backends_agree_and_the_report_is_rebuilt_from_storage(evaluated):
+    """The transformers engine gives the vLLM engine's numbers; the report shows them and comes back the same
+    from storage alone."""
+    config, run_dir, _ = evaluated
+    with_vllm = _results(run_dir)
+    assert main(["run", config, "--set", "eval.backend=hf"]) == 0
+    with_hf = _results(run_dir)
+    assert with_hf.keys() == with_vllm.keys()
+    for key, row in with_vllm.items():
+        assert with_hf[key]["value"] == pytest.approx(row["value"], abs=1e-4), key
+
+    report = (run_dir / "report.md").read_text()
+    for heading in ("## Pairs", "## Reference log-probs", "## Training", "## Evaluation"):
+        assert heading in report
+    figures = re.findall(r"\]\(report/([\w.]+\.png)\)", report)
+    assert set(figures) >= {"pair_counts.png", "edit_distance.png", "train_curves.png", "eval.png"}
+    for name in figures:
+        assert (run_dir / "report" / name).stat().st_size > 5_000
+    shutil.rmtree(run_dir / "report")
+    (run_dir / "report.md").unlink()
+    assert main(["report", config]) == 0
+    rebuilt = (run_dir / "report.md").read_text()
+    assert rebuilt.split("\n", 3)[3] == report.split("\n", 3)[3]  # all but the "Built ..." line
+    assert {p.name for p in (run_dir / "report").iterdir()} == set(figures)
 
 
 def test_second_run_skips_every_stage(demo, capsys):
@@ -192,7 +333,7 @@ def status_of(config, capsys, *overrides) -> dict[str, str]:
     out = {}
     for line in capsys.readouterr().out.splitlines()[1:]:
         stage, state, *rest = line.split()
-        if stage != "tune":
+        if state != "off":
             why = line.split("  (", 1)[1].rstrip(")") if "  (" in line else ""
             out[stage] = f"{state} ({why})" if why else state
     return out

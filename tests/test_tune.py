@@ -65,6 +65,40 @@ def test_best_json_is_the_best_trial_in_trials_parquet(sweep):
         assert (run_dir / "tune" / best["model"].split("/tune/", 1)[1] / "config.json").exists()
 
 
+def test_eval_scores_every_finished_trial_and_picks_the_best_by_a_benchmark(sweep):
+    """eval.policies [tune]: the reference and every trial that finished with a model (ASHA's stopped trials have
+    none and are listed as skipped), ranked by eval.select_by; the report compares DPO (λ 0) with DPOP (λ 50)."""
+    config, run_dir, _ = sweep
+    with open(config) as f:
+        raw = yaml.safe_load(f)
+    raw["eval"] = {"policies": ["tune"], "backend": "hf", "max_length": 256,
+                   "select_by": "pairs/logps/chosen_change", "select_mode": "max"}
+    eval_config = write_config(run_dir.parent / "sweep_eval.yaml", raw)
+    assert main(["run", eval_config, "--stages", "eval"]) == 0
+    trials = pq.read_table(run_dir / "tune" / "trials.parquet").to_pandas()
+    finished = trials[trials.model.notna()]
+    manifest = read_manifest(run_dir, "eval")
+    assert set(manifest["inputs"]) == {"reference", "tune"}
+    assert [m["name"] for m in manifest["models"]][0] == "reference"
+    evaluated = {m["path"]: m for m in manifest["models"][1:]}
+    assert set(evaluated) == set(finished.model)
+    assert len(manifest["skipped_trials"]) == len(trials) - len(finished)
+    for trial in finished.itertuples():
+        assert (evaluated[trial.model]["beta"], evaluated[trial.model]["dpop_lambda"]) == (trial.beta,
+                                                                                            trial.dpop_lambda)
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    change = {r["model"]: r["value"] for r in results if r["metric"] == "logps/chosen_change"}
+    assert set(change) == {m["name"] for m in manifest["models"][1:]}
+    best = json.loads((run_dir / "eval" / "best.json").read_text())
+    assert best["value"] == max(change.values()) and change[best["trial"]] == best["value"]
+    assert manifest["best"] == best
+
+    report = (run_dir / "report.md").read_text()
+    assert "## Sweep" in report and "## Evaluation" in report and "tune_heatmap.png" in report
+    lambdas = set(finished.dpop_lambda)
+    assert ("DPO (β" in report) == (lambdas >= {0.0, 50.0})
+
+
 def test_unfinished_sweep_keeps_its_finished_trials(sweep):
     """Without its manifest (as after a crash) the stage restores the Tune experiment instead of starting over."""
     config, run_dir, _ = sweep

@@ -1,0 +1,227 @@
+"""`dpop report CONFIG`: one `report.md` beside the stages, with its PNGs in `report/`, rebuilt from what is on
+storage alone (manifests, metrics.jsonl, trials.parquet, eval results), so it can be made at any time, from any
+machine, for a run on `s3://` too. `dpop run` writes it at its end.
+"""
+import os
+import tempfile
+from datetime import datetime, timezone
+
+from pipeline import storage
+from pipeline.config import Config
+from pipeline.runner import stage_states
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "" if value is None else str(value).replace("|", "/")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _plot_pair_counts(sources: dict, path: str) -> None:
+    """Per source: pairs kept (train, eval) and dropped by reason, as stacked bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(sources)
+    reasons = sorted({r for s in sources.values() for r in s["dropped"]})
+    parts = [("train", "kept: train"), ("eval", "kept: eval")] + [(r, f"dropped: {r}") for r in reasons]
+    fig, ax = plt.subplots(figsize=(9, 1.0 + 0.6 * len(names)))
+    left = [0] * len(names)
+    for i, (key, label) in enumerate(parts):
+        values = [sources[n][key] if key in ("train", "eval") else sources[n]["dropped"].get(key, 0) for n in names]
+        ax.barh(names, values, left=left, label=label, color=f"C{i}")
+        left = [a + b for a, b in zip(left, values)]
+    ax.set_xlabel("candidate pairs")
+    ax.set_xscale("symlog")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class Report:
+    """Collects markdown and figures; `save` uploads them beside the stages."""
+
+    def __init__(self, run_uri: str, folder: str):
+        self.run_uri, self.folder = run_uri, folder
+        self.lines: list[str] = []
+        self.figures: list[str] = []
+
+    def add(self, text: str) -> None:
+        self.lines.append(text)
+
+    def figure(self, name: str, caption: str) -> str:
+        """A local path to draw `name` into; the markdown links it from report/."""
+        self.figures.append(name)
+        self.add(f"![{caption}](report/{name})\n")
+        return os.path.join(self.folder, name)
+
+    def copy_figure(self, uri: str, name: str, caption: str) -> None:
+        """A PNG a stage already drew, copied next to the report."""
+        if storage.exists(uri):
+            fs, path = storage.resolve(uri)
+            with fs.open_input_stream(path) as src, open(self.figure(name, caption), "wb") as dst:
+                dst.write(src.read())
+
+    def save(self) -> str:
+        for name in self.figures:
+            storage.upload_file(os.path.join(self.folder, name), storage.join(self.run_uri, "report", name))
+        uri = storage.join(self.run_uri, "report.md")
+        storage.write_text(uri, "\n".join(self.lines))
+        return uri
+
+
+def _pairs_section(report: Report, manifest: dict, pairs_uri: str) -> None:
+    report.add("## Pairs\n")
+    report.add(f"{manifest['records_in']} records read, {manifest['rows']} pairs kept "
+               f"({', '.join(f'{k} {v}' for k, v in manifest['splits'].items())}), {manifest['rows_dropped']} "
+               f"dropped{' (' + ', '.join(f'{k} {v}' for k, v in manifest['dropped'].items()) + ')' if manifest['dropped'] else ''}.\n")
+    sources = manifest["sources"]
+    report.add(_table(["source", "records", "train", "eval", "dropped"],
+                      [[name, s["records_in"], s["train"], s["eval"],
+                        ", ".join(f"{k} {v}" for k, v in s["dropped"].items())] for name, s in sorted(sources.items())]))
+    _plot_pair_counts(sources, report.figure("pair_counts.png", "pairs kept and dropped per source"))
+    examples = manifest.get("drop_examples") or {}
+    if examples:
+        report.add("Drop examples:\n")
+        report.add("\n".join(f"- `{reason}`: {e[0]['source']}: {e[0]['detail'][:160]}" for reason, e in examples.items())
+                   + "\n")
+    quantiles = manifest.get("edit_distance", {}).get("by_source", {})
+    report.add("Token edit distance between chosen and rejected (low distances are where plain DPO lowers the "
+               "chosen likelihood too):\n")
+    report.add(_table(["source", "split", "pairs", "p10", "median", "p90", "max"],
+                      [[src, split, q["count"], q["p10"], q["p50"], q["p90"], q["max"]]
+                       for src, splits in sorted(quantiles.items()) for split, q in sorted(splits.items())]))
+    report.copy_figure(storage.join(pairs_uri, "_edit_distance.png"), "edit_distance.png", "edit-distance histogram")
+
+
+def _reference_section(report: Report, manifest: dict, reference_uri: str) -> None:
+    report.add("## Reference log-probs\n")
+    config = manifest["config"]["reference"]
+    report.add(f"Backend {manifest['backend']}, {config['dtype']}; {manifest['rows']} pairs scored"
+               + (f", {manifest['rows_dropped']} dropped ({manifest['dropped']})" if manifest['rows_dropped'] else "")
+               + (f"; resumed: {manifest['resumed']}" if manifest.get("resumed") else "") + ".\n")
+    means = manifest.get("mean_logps_by_split") or {}
+    report.add(_table(["split", "mean ref log p(chosen)", "mean ref log p(rejected)"],
+                      [[split, m["ref_chosen_logp"], m["ref_rejected_logp"]] for split, m in sorted(means.items())]))
+
+
+CURVE_KEYS = ("loss", "rewards/accuracies", "logps/chosen", "logps/rejected", "dpop/penalty_active")
+
+
+def _train_section(report: Report, manifest: dict, train_uri: str) -> None:
+    from pipeline.train import plot_curves, read_metrics
+
+    report.add("## Training\n")
+    config = manifest["config"]["train"]
+    report.add(f"β {config['beta']:g}, λ {config['dpop_lambda']:g}, {manifest['steps']} steps of "
+               f"{config['batch_size']} pairs, learning rate {config['learning_rate']:g}; {manifest['rows']} train "
+               f"pairs, {manifest['eval_rows']} eval pairs"
+               + (f"; resumed from step {manifest['resumed_from_step']}" if manifest.get("resumed_from_step") else "")
+               + ".\n")
+    for warning in manifest.get("warnings") or []:
+        report.add(f"> **Warning:** {warning}\n")
+    final = manifest["final_metrics"]
+    report.add(_table(["metric", "train (last step)", "eval (last evaluation)"],
+                      [[key, final.get(key), final.get(f"eval/{key}")] for key in CURVE_KEYS]))
+    rows = read_metrics(train_uri)
+    if rows:
+        plot_curves(rows, report.figure("train_curves.png", "training curves"))
+
+
+def _tune_section(report: Report, manifest: dict, tune_uri: str) -> None:
+    report.add("## Sweep\n")
+    trials = storage.read_parquet(storage.join(tune_uri, "trials.parquet")).to_pylist()
+    metric = trials[0]["metric"] if trials else ""
+    report.add(f"{len(trials)} trials ({', '.join(f'{k} {v}' for k, v in manifest['trials'].items() if v)}), ranked "
+               f"by {metric}; {manifest['sweep_seconds']:.0f} s.\n")
+    report.add(_table(["β", "λ", "status", "steps", metric, "logps/chosen", "eval/logps/chosen",
+                       "eval/rewards/accuracies"],
+                      [[t["beta"], t["dpop_lambda"], t["status"], t["steps"], t["final_metric"], t["logps/chosen"],
+                        t.get("eval/logps/chosen"), t.get("eval/rewards/accuracies")]
+                       for t in sorted(trials, key=lambda t: (t["dpop_lambda"], t["beta"]))]))
+    best = manifest.get("best")
+    if best:
+        report.add(f"Best by {best['metric']}: β {best['beta']:g}, λ {best['dpop_lambda']:g} ({best['value']:.4g}).\n")
+    report.copy_figure(storage.join(tune_uri, "heatmap.png"), "tune_heatmap.png", "sweep heatmap")
+    report.copy_figure(storage.join(tune_uri, "logps_chosen.png"), "tune_logps_chosen.png",
+                       "log p(chosen) per trial")
+
+
+def dpo_against_dpop(results: list[dict], models: list[dict]) -> list[str]:
+    """Sentences comparing plain DPO (λ = 0) with DPOP (λ > 0) where both were evaluated: the paper's finding, on
+    this run's data."""
+    dpo = [m for m in models if m.get("dpop_lambda") == 0]
+    dpop = [m for m in models if (m.get("dpop_lambda") or 0) > 0]
+    if not dpo or not dpop:
+        return []
+    lines = []
+    value = {(r["model"], r["task"], r["metric"]): r["value"] for r in results}
+    tasks = list(dict.fromkeys((r["task"], r["metric"]) for r in results
+                               if r["metric"] in ("logps/chosen_change", "exact_match", "acc_norm")))
+    for task, metric in tasks:
+        for a in dpo:
+            for b in dpop:
+                if (a["name"], task, metric) in value and (b["name"], task, metric) in value:
+                    lines.append(f"- {task} {metric}: DPO (β {a['beta']:g}, λ 0) {value[(a['name'], task, metric)]:.4g}"
+                                 f" against DPOP (β {b['beta']:g}, λ {b['dpop_lambda']:g}) "
+                                 f"{value[(b['name'], task, metric)]:.4g}"
+                                 + (f"; reference {value[('reference', task, metric)]:.4g}"
+                                    if ("reference", task, metric) in value else ""))
+    return lines
+
+
+def _eval_section(report: Report, manifest: dict, eval_uri: str) -> None:
+    import json
+
+    report.add("## Evaluation: policy against reference\n")
+    results = json.loads(storage.read_text(storage.join(eval_uri, "results.json")))
+    tasks = manifest["tasks"]
+    report.add(_table(["task", "kind", "items", "dropped"],
+                      [[name, t["kind"], t["items"], ", ".join(f"{k} {v}" for k, v in t["dropped"].items())]
+                       for name, t in tasks.items()]))
+    report.add(storage.read_text(storage.join(eval_uri, "results.md")))
+    models = manifest["models"]
+    report.add("Models: " + "; ".join(f"`{m['name']}`" + (f" β {m['beta']:g} λ {m['dpop_lambda']:g}"
+                                                          if m.get("beta") is not None else "") for m in models)
+               + ".\n")
+    comparison = dpo_against_dpop(results, models)
+    if comparison:
+        report.add("DPO against DPOP (the change in log p(chosen) is against the reference, on held-out pairs; "
+                   "Smaug's finding is that DPO lowers it on low-edit-distance pairs and DPOP does not):\n")
+        report.add("\n".join(comparison) + "\n")
+    if manifest.get("best"):
+        best = manifest["best"]
+        report.add(f"Best trial by {best['select_by']}: `{best['trial']}` ({best['value']:.4g}).\n")
+    report.copy_figure(storage.join(eval_uri, "eval.png"), "eval.png", "eval results per model")
+
+
+def write_report(cfg: Config) -> str:
+    """Build report.md and its figures from storage; returns its URI."""
+    run_uri = storage.join(cfg.run.storage, cfg.run.name)
+    states = stage_states(cfg)
+    with tempfile.TemporaryDirectory() as folder:
+        report = Report(run_uri, folder)
+        report.add(f"# Run report: {cfg.run.name}\n")
+        report.add(f"Built {datetime.now(timezone.utc).isoformat(timespec='seconds')} from `{run_uri}` "
+                   f"(`dpop report CONFIG` rebuilds it).\n")
+        report.add(_table(["stage", "state", "rows", "seconds", "finished", "reads"],
+                          [[s["stage"], s["state"] + (f" ({s['why']})" if s["why"] else ""), s["rows"],
+                            (s["manifest"] or {}).get("seconds"), (s["manifest"] or {}).get("finished_at"),
+                            ", ".join(s["reads"])] for s in states]))
+        sections = {"pairs": _pairs_section, "reference": _reference_section, "train": _train_section,
+                    "tune": _tune_section, "eval": _eval_section}
+        for state in states:
+            manifest = state["manifest"]
+            if manifest and manifest.get("status") != "failed":
+                sections[state["stage"]](report, manifest, state["path"])
+            elif state["state"] == "failed":
+                report.add(f"## {state['stage']}: failed\n\n{state['why']}\n")
+        return report.save()
