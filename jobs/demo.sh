@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The whole demo on a local Ray cluster: install, build the tiny model and data, run pairs -> reference -> train.
-# Extra arguments go to `dpop run` (e.g. --force train, --set train.max_steps=60).
+# The main demo on a local Ray cluster: install, build the tiny models and data, then DPO against DPOP
+# (pairs -> reference -> a two-trial tune -> eval -> report). Extra arguments go to `dpop run`
+# (e.g. --force tune, --set train.max_steps=48).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash jobs/install.sh
 .venv/bin/python -m pipeline.demo .demo
-.venv/bin/dpop run jobs/demo.yaml "$@"
-.venv/bin/dpop status jobs/demo.yaml
-echo "outputs: runs/demo/ (pairs/, reference/, train/metrics.jsonl, train/curves.png, train/model/)"
+# No `train` stage: the sweep's two trials are the DPO and DPOP runs.
+.venv/bin/dpop run jobs/dpo_vs_dpop.yaml --stages pairs,reference,tune,eval "$@"
+.venv/bin/dpop status jobs/dpo_vs_dpop.yaml
+echo "outputs: runs/dpo_vs_dpop/ (report.md, eval/results.md, tune/heatmap.png, tune/trials/*/model/)"

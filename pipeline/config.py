@@ -133,6 +133,19 @@ class ReferenceSection:
 
 
 @dataclass
+class EarlyStoppingSection:
+    metric: str = "eval/rewards/accuracies"
+    """The eval metric watched (a key of metrics.jsonl starting with eval/). The DPO literature's advice is to stop
+    on reward accuracy before the policy overtrains."""
+    mode: Literal["min", "max"] = "max"
+    """Whether lower or higher `metric` is better."""
+    patience: int = 3
+    """Evaluations (every train.eval_every steps) without improvement before the run ends."""
+    min_delta: float = 0.0
+    """An evaluation improves on the best only by more than this."""
+
+
+@dataclass
 class TrainSection:
     beta: float = 0.1
     """β: scale of the log-ratio margin inside the sigmoid; smaller stays further from the reference."""
@@ -173,6 +186,10 @@ class TrainSection:
     max_failures: int = execution_only(1)
     """Restarts of the worker group after a failure (a lost worker or node, an error), each from the newest
     checkpoint. -1: unlimited. Errors that repeat (a non-finite loss) also rerun this often before the stage fails."""
+    early_stopping: EarlyStoppingSection | None = None
+    """Off unless set (e.g. `early_stopping: {patience: 3}`): end the run, and each sweep trial, when the eval
+    metric has not improved for `patience` evaluations; `model/` is then the best evaluation's weights and the
+    manifest names its step."""
 
 
 @dataclass
@@ -391,6 +408,8 @@ def validate(cfg: Config) -> Config:
     _positive("train.keep_checkpoints", t.keep_checkpoints)
     if t.max_failures < -1:
         raise ConfigError(f"train.max_failures: must be -1 (unlimited) or >= 0, got {t.max_failures!r}")
+    if t.early_stopping is not None:
+        _check_early_stopping(cfg)
     if cfg.tune is not None:
         for key in ("beta", "dpop_lambda"):
             values = getattr(cfg.tune, key)
@@ -472,6 +491,23 @@ def _validate_eval(cfg: Config) -> None:
         if metric not in TASK_METRICS[tasks[task]]:
             raise ConfigError(f"eval.select_by: {task} reports {', '.join(TASK_METRICS[tasks[task]])}, not "
                               f"{metric!r}")
+
+
+def _check_early_stopping(cfg: Config) -> None:
+    from pipeline.train import REPORTED_METRICS
+
+    es = cfg.train.early_stopping
+    eval_metrics = [m for m in REPORTED_METRICS if m.startswith("eval/")]
+    if es.metric not in eval_metrics:
+        close = difflib.get_close_matches(es.metric, eval_metrics, n=1)
+        raise ConfigError(f"train.early_stopping.metric: {es.metric!r} is not an eval metric the trainer reports"
+                          + (f" (did you mean {close[0]}?)" if close else "") + f"; they are {', '.join(eval_metrics)}")
+    _positive("train.early_stopping.patience", es.patience)
+    _positive("train.early_stopping.min_delta", es.min_delta, allow_zero=True)
+    if cfg.data.eval_fraction == 0:
+        raise ConfigError("train.early_stopping: watches an eval metric, but data.eval_fraction is 0")
+    if cfg.train.eval_every == 0:
+        raise ConfigError("train.early_stopping: needs evaluations during the run, but train.eval_every is 0")
 
 
 def _check_tune_metric(cfg: Config) -> None:
@@ -624,7 +660,8 @@ def reference_markdown() -> str:
             if isinstance(statement, ast.AnnAssign) and isinstance(following, ast.Expr):
                 docs[(node.name, statement.target.id)] = " ".join(str(following.value.value).split())
     sections = [("run", RunSection), ("model", ModelSection), ("data", DataSection), ("data.sources[]", SourceSection),
-                ("reference", ReferenceSection), ("train", TrainSection), ("tune", TuneSection),
+                ("reference", ReferenceSection), ("train", TrainSection),
+                ("train.early_stopping", EarlyStoppingSection), ("tune", TuneSection),
                 ("eval", EvalSection), ("eval.sources[]", EvalSourceSection)]
     lines = []
     for prefix, cls in sections:

@@ -148,6 +148,8 @@ def multiple_choice_task(task: Task, records: list[dict], source, tokenizer, req
                 raise Drop("too_few_choices", f"need two or more text choices, got {choices!r}")
             gold = answer_index(answer, choices, labels)
             if "endings" in row:
+                if row.get("ctx_a") is not None and row.get("ctx_b") is not None:  # as the harness builds it
+                    question = f"{row.get('activity_label', '')}: {row['ctx_a']} {row['ctx_b'].capitalize()}"
                 question, choices = hellaswag_preprocess(question), [hellaswag_preprocess(c) for c in choices]
             else:
                 question, choices = question.strip(), [c.strip() for c in choices]

@@ -205,6 +205,36 @@ class MetricsLog:
         storage.write_text(self.uri, "".join(json.dumps(r) + "\n" for r in self.rows))
 
 
+class EarlyStopping:
+    """train.early_stopping: the best value of the watched eval metric, its step, and the evaluations since. The
+    metric is all-reduced, so every worker takes the same decisions."""
+
+    def __init__(self, section):
+        self.section = section
+        self.best, self.best_step, self.evaluations_since_best = None, None, 0
+
+    def update(self, metrics: dict, step: int) -> bool:
+        """Record an evaluation; True when it is the best so far."""
+        value = metrics[self.section.metric]
+        sign = 1 if self.section.mode == "max" else -1
+        if self.best is None or sign * (value - self.best) > self.section.min_delta:
+            self.best, self.best_step, self.evaluations_since_best = value, step, 0
+            return True
+        self.evaluations_since_best += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.evaluations_since_best >= self.section.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step, "evaluations_since_best": self.evaluations_since_best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_step = state["best"], state["best_step"]
+        self.evaluations_since_best = state["evaluations_since_best"]
+
+
 @dataclass
 class Worker:
     """What one Ray Train worker holds: the sharded policy, its optimizer and schedule, and its place in the group."""
@@ -219,6 +249,7 @@ class Worker:
     world: int
     saved_dtype: object
     """The dtype the model was saved in; the final policy is written back in it."""
+    early_stopping: EarlyStopping | None = None
 
 
 def setup(cfg: Config) -> Worker:
@@ -247,7 +278,9 @@ def setup(cfg: Config) -> Worker:
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, t.warmup_steps, t.max_steps, t.lr_schedule))
-    return Worker(cfg, model, optimizer, scheduler, tokenizer, pad_id, device, rank, world, saved_dtype)
+    early_stopping = EarlyStopping(t.early_stopping) if t.early_stopping else None
+    return Worker(cfg, model, optimizer, scheduler, tokenizer, pad_id, device, rank, world, saved_dtype,
+                  early_stopping)
 
 
 TRAINER_STATE = "trainer_state.json"
@@ -269,7 +302,9 @@ def save_checkpoint(worker: Worker, step: int, metrics: dict) -> None:
         if worker.rank == 0:
             with open(os.path.join(folder, TRAINER_STATE), "w") as f:
                 json.dump({"step": step, "scheduler": worker.scheduler.state_dict(),
-                           "pairs_consumed": step * worker.cfg.train.batch_size, "epoch": metrics["epoch"]}, f)
+                           "pairs_consumed": step * worker.cfg.train.batch_size, "epoch": metrics["epoch"],
+                           "early_stopping": worker.early_stopping.state_dict() if worker.early_stopping else None},
+                          f)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                          checkpoint_dir_name=f"step_{step:06d}")
 
@@ -297,6 +332,8 @@ def restore_checkpoint(worker: Worker) -> int:
         if os.path.exists(rng_path):  # absent when the worker count changed: a fresh seed is all that is left
             torch.set_rng_state(torch.load(rng_path))
     worker.scheduler.load_state_dict(trainer_state["scheduler"])
+    if worker.early_stopping and trainer_state.get("early_stopping"):
+        worker.early_stopping.load_state_dict(trainer_state["early_stopping"])
     step = trainer_state["step"]
     if trainer_state["pairs_consumed"] != step * worker.cfg.train.batch_size:
         raise ValueError(f"checkpoint at step {step} consumed {trainer_state['pairs_consumed']} pairs, not "
@@ -412,6 +449,8 @@ def train_loop(loop_config: dict) -> None:
             metrics["resumed_from_step"] = start_step
         if eval_batches and (last or (t.eval_every and step % t.eval_every == 0)):
             metrics.update(evaluate(worker, eval_batches))
+            if worker.early_stopping and keep_if_best(worker, metrics, step, out):
+                last = True  # no improvement for `patience` evaluations: model/ holds the best one's weights
         logged = first or last or step % t.log_every == 0 or "eval/loss" in metrics
         if worker.rank == 0 and logged:
             metrics_log.write(metrics)
@@ -425,7 +464,28 @@ def train_loop(loop_config: dict) -> None:
             save_checkpoint(worker, step, {**metrics, **reported})
         elif logged:
             ray.train.report({**metrics, **reported})
-    save_policy(worker, out)
+        if last:
+            break
+    if not worker.early_stopping or worker.early_stopping.best_step is None:
+        save_policy(worker, out)  # with early stopping, model/ was written at the best evaluation
+
+
+def keep_if_best(worker: Worker, metrics: dict, step: int, out: str) -> bool:
+    """Early stopping after an evaluation: the best one so far saves its weights as model/; returns whether the
+    run should end now. Its state enters the metrics row (and with it metrics.jsonl)."""
+    early_stopping = worker.early_stopping
+    if early_stopping.update(metrics, step):
+        save_policy(worker, out)
+    metrics["early_stopping/best_step"] = early_stopping.best_step
+    metrics["early_stopping/best"] = early_stopping.best
+    if early_stopping.should_stop:
+        metrics["early_stopping/stopped"] = True
+        if worker.rank == 0:
+            say(f"early stopping at step {step}: {early_stopping.section.metric} has not improved on "
+                f"{early_stopping.best:.4g} (step {early_stopping.best_step}) for {early_stopping.section.patience} "
+                f"evaluations; model/ is step {early_stopping.best_step}")
+        return True
+    return False
 
 
 def plot_curves(rows: list[dict], path: str) -> None:
@@ -544,6 +604,14 @@ def train_policy(cfg: Config, stage) -> dict:
     median_edit = info["median_edit_distance"]
     train_rows, eval_rows = info["train_rows"], info["eval_rows"]
     resumed = [r["resumed_from_step"] for r in rows if "resumed_from_step" in r]
+    # Without evaluations (an eval split smaller than the worker count) early stopping never acts: model/ is final.
+    early = {"early_stopping": {"stopped": bool(final.get("early_stopping/stopped")),
+                                "model_step": final.get("early_stopping/best_step") or final["step"],
+                                "best": final.get("early_stopping/best"), "metric": t.early_stopping.metric}} \
+        if t.early_stopping else {}
+    if early and early["early_stopping"]["stopped"]:
+        print(f"[dpop] train: stopped early at step {final['step']}; model/ is the step "
+              f"{early['early_stopping']['model_step']} policy", flush=True)
     return {
         "warnings": warnings,
         "median_edit_distance": median_edit,
@@ -554,5 +622,7 @@ def train_policy(cfg: Config, stage) -> dict:
         "steps": final["step"],
         "final_metrics": {k: v for k, v in final.items() if k not in ("step", "resumed_from_step", "time")},
         "model": storage.join(stage.out, "model"),
+        "model_step": early["early_stopping"]["model_step"] if early else final["step"],
+        **early,
         "curves": storage.join(stage.out, "curves.png"),
     }

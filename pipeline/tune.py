@@ -139,8 +139,8 @@ def trial_table(results, cfg: Config, out: str) -> tuple[list[dict], dict[str, l
         values = [m[tc.metric] for m in metrics if tc.metric in m]
         if result.error:
             status = "failed"
-        elif final.get("step", 0) >= max_steps:
-            status = "finished"
+        elif final.get("step", 0) >= max_steps or final.get("early_stopping/stopped"):
+            status = "finished"  # all its steps, or ended by train.early_stopping with its best model saved
         else:
             status = "stopped_early"
         model = storage.join(trial_out, "model")

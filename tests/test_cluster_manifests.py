@@ -196,3 +196,14 @@ def test_job_configs_and_runtime_env():
     assert set(runtime_env) <= {"excludes", "env_vars"}
     assert all(isinstance(v, str) for v in runtime_env["env_vars"].values())  # Ray takes only strings
     assert {".venv/", "runs/"} <= set(runtime_env["excludes"])
+
+
+def test_the_main_demo_config_is_valid(tmp_path):
+    """jobs/dpo_vs_dpop.yaml, the README's main command, with its data written here."""
+    from pipeline.demo import write_problem_data
+
+    data = write_problem_data(str(tmp_path))
+    cfg = load_config(str(REPO / "jobs" / "dpo_vs_dpop.yaml"),
+                      [f"data.sources.0.path={data['problems']}", f"eval.sources.0.path={data['problems_test']}"])
+    assert cfg.tune.dpop_lambda == [0.0, 50.0] and cfg.eval.policies == ["tune"]
+    assert cfg.eval.select_by == "problems_test/exact_match" and cfg.data.sources[0].format == "math_corruption"

@@ -89,3 +89,25 @@ def test_continuation_tokens_follow_the_harness(tokenizer):
     assert context_ids + continuation_ids == whole
     assert tokenizer.decode(continuation_ids) == " 5"
     assert tokenizer.decode(context_ids) == "Question: What is 2 plus 3?\nAnswer:"
+
+
+def test_demo_problems_make_low_edit_distance_pairs_and_the_demo_model_learns_them(tokenizer):
+    """The main demo's data: every word problem is a GSM8K-layout item whose corruption changes one number, and
+    a few pretraining steps lower the language-model loss."""
+    import random
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.demo import pretrain, problem_text, word_problems
+    from pipeline.sources import corrupt_solution
+
+    problems = list(word_problems(50, seed=0))
+    for question, solution in problems:
+        target = strict_answer(solution)
+        assert target is not None and int(target) >= 0
+        rejected, old, new = corrupt_solution(solution, random.Random(question))
+        assert rejected != solution and old != new
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=1, num_attention_heads=1, head_dim=64))
+    losses = pretrain(model, tokenizer, [problem_text(q, s) for q, s in problems], steps=30, seed=0, batch_size=8)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5

@@ -218,6 +218,37 @@ def test_eval_backends_agree_and_the_report_is_rebuilt_from_storage(evaluated):
     assert {p.name for p in (run_dir / "report").iterdir()} == set(figures)
 
 
+def test_early_stopping_ends_the_run_and_keeps_the_best_evaluations_weights(demo):
+    """min_delta 1e9: only the first evaluation (step 2) counts as an improvement, so the run ends at the second
+    evaluation after it (patience 2, step 6) and model/ must be the step-2 policy: the same weights a plain 2-step
+    run ends with (constant learning rate, so the first steps do not depend on max_steps)."""
+    from safetensors.torch import load_file
+
+    config, run_dir, _ = demo
+    for name in ("early", "two_steps"):  # the demo's pairs and reference, current under another run name
+        for stage in ("pairs", "reference"):
+            shutil.copytree(run_dir / stage, run_dir.parent / name / stage)
+    common = ["--set", "train.lr_schedule=constant", "--set", "train.warmup_steps=1", "--set", "train.eval_every=2",
+              "--set", "train.checkpoint_every=0"]
+    assert main(["run", config, "--set", "run.name=early", "--set", "train.max_steps=12", *common,
+                 "--set", "train.early_stopping={patience: 2, min_delta: 1.0e+9}"]) == 0
+    early = read_manifest(run_dir.parent / "early", "train")
+    assert read_manifest(run_dir.parent / "early", "reference")["run_id"] == read_manifest(run_dir, "reference")["run_id"]
+    assert early["steps"] == 6 and early["model_step"] == 2
+    assert early["early_stopping"] == {"stopped": True, "model_step": 2, "metric": "eval/rewards/accuracies",
+                                       "best": early["early_stopping"]["best"]}
+    rows = [json.loads(line) for line in open(run_dir.parent / "early" / "train" / "metrics.jsonl")]
+    assert rows[-1]["step"] == 6 and rows[-1]["early_stopping/stopped"] is True
+    assert [r["early_stopping/best_step"] for r in rows if "eval/loss" in r] == [2, 2, 2]
+
+    assert main(["run", config, "--set", "run.name=two_steps", "--set", "train.max_steps=2", *common]) == 0
+    best = load_file(run_dir.parent / "early" / "train" / "model" / "model.safetensors")
+    two_steps = load_file(run_dir.parent / "two_steps" / "train" / "model" / "model.safetensors")
+    assert best.keys() == two_steps.keys()
+    for name, tensor in best.items():
+        assert (tensor - two_steps[name]).abs().max().item() < 1e-6, name
+
+
 def test_second_run_skips_every_stage(demo, capsys):
     config, run_dir, _ = demo
     before = {s: read_manifest(run_dir, s)["finished_at"] for s in ("pairs", "reference", "train")}
