@@ -440,7 +440,8 @@ def plot_results(rows: list[dict], models: list[Model], path: str) -> None:
 def _short(model: Model) -> str:
     if model.beta is None:
         return model.name
-    return f"{model.name.split('-')[0] if model.name != 'train' else 'train'}\nβ={model.beta:g} λ={model.dpop_lambda:g}"
+    # A trial's folder name starts with its β; "train" has no '-' and stays whole.
+    return f"{model.name.split('-')[0]}\nβ={model.beta:g} λ={model.dpop_lambda:g}"
 
 
 def select_trial(rows: list[dict], models: list[Model], select_by: str, mode: str) -> dict | None:
