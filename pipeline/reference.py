@@ -5,6 +5,7 @@ prompt log-probs, or a transformers model (backend `hf`); the eval stage uses th
 `ref_chosen_logp`, `ref_rejected_logp` (float64) beside the pair columns. Pairs with a non-finite log-prob are
 dropped and counted. Output is written as it is scored, so a rerun after a crash scores only what is missing.
 """
+import math
 from collections import Counter
 
 import pyarrow as pa
@@ -94,15 +95,29 @@ class HFEngine:
     def logps(self, prompts: list[list[int]], completions: list[list[int]]) -> list[float]:
         import torch
 
-        from pipeline.logprobs import completion_logps, pad_pairs
+        from pipeline.logprobs import completion_logps, layout_for, make_batch
 
-        logps = []
+        # Completions after the same prompt (a pair's two, a question's choices) form one group, which shares the
+        # prompt's computation; groups go shortest first, so a micro-batch holds groups of similar length.
+        members: dict[tuple, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            members.setdefault(tuple(prompt), []).append(i)
+        groups = sorted(members.values(), key=lambda g: len(prompts[g[0]]) + sum(len(completions[i]) for i in g))
+        layout = layout_for(self.model)
+        logps = [0.0] * len(prompts)
         with torch.inference_mode():
-            for start in range(0, len(prompts), self.micro_batch_size):
-                end = start + self.micro_batch_size
-                padded = pad_pairs(prompts[start:end], completions[start:end], self.pad_id)
-                padded = {k: v.to(self.device) for k, v in padded.items()}
-                logps.extend(completion_logps(self.model, padded).double().tolist())
+            for start in range(0, len(groups), self.micro_batch_size):
+                chunk = groups[start:start + self.micro_batch_size]
+                batch = make_batch([(prompts[g[0]], [completions[i] for i in g]) for g in chunk], self.pad_id, layout)
+                scores = completion_logps(self.model, batch.to(self.device)).double().tolist()
+                for i, score in zip((i for g in chunk for i in g), scores):
+                    logps[i] = score
+            # A NaN or inf in one sequence's activations reaches every sequence it shares a packed row with
+            # (masked attention weighs it by 0, and 0 * NaN is NaN): each such sequence is scored again alone.
+            for i, score in enumerate(logps):
+                if not math.isfinite(score):
+                    alone = make_batch([(prompts[i], [completions[i]])], self.pad_id, "padded")
+                    logps[i] = completion_logps(self.model, alone.to(self.device)).double().item()
         return logps
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, stop: list[str]) -> list[str]:

@@ -2,7 +2,8 @@
 
 Driver (`train_policy`): reference Parquet -> train/eval Ray Datasets -> TorchTrainer(train_loop) -> curves PNG.
 Each worker (`train_loop`), top to bottom:
-    setup (load the policy, dropout off, parallelize with FSDP2, AdamW + warm-up/decay) -> restore_checkpoint
+    setup (load_policy: built on the meta device, parallelized with FSDP2, each rank's shard filled from rank 0's
+    read, dropout off; AdamW + warm-up/decay) -> restore_checkpoint
     -> the train split into memory (TrainPairs), globally shuffled per epoch by `stream_indices`
     -> per step (`train_step`): micro-batches (`forward_backward_step`: chosen and rejected in one forward,
        dpop_loss, backward) -> clip, step -> metrics (all-reduced) -> `evaluate` / `save_checkpoint` when due
@@ -22,7 +23,7 @@ import time
 from dataclasses import dataclass
 
 from pipeline import storage
-from pipeline.config import Config, config_warnings
+from pipeline.config import Config, config_warnings, training_dtype
 from pipeline.pairs import LOW_EDIT_DISTANCE
 
 TRAIN_COLUMNS = ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logp", "ref_rejected_logp"]
@@ -30,7 +31,8 @@ TRAIN_COLUMNS = ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids", "ref_cho
 STAT_KEYS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
              "logps/chosen", "logps/rejected", "dpop/penalty", "dpop/penalty_active", "logps/ref_gap"]
 # Every metric a train run reports, by the name `tune.metric` and metrics.jsonl use.
-REPORTED_METRICS = (*STAT_KEYS, *(f"eval/{key}" for key in STAT_KEYS), "learning_rate", "grad_norm", "epoch")
+REPORTED_METRICS = (*STAT_KEYS, *(f"eval/{key}" for key in STAT_KEYS), "learning_rate", "grad_norm",
+                    "epoch", "peak_memory_mb")
 # A chosen log-prob counts as below the reference (dpop/penalty_active) only beyond this many nats: the two
 # backends' float rounding (seen: under 1e-5 nats in fp32 on the tiny model, 3.4e-4 on SmolLM2-135M) is not a
 # drop, and would otherwise make a policy identical to the reference look half "active" at step 1.
@@ -117,20 +119,17 @@ def stream_indices(num_pairs: int, seed: int, start: int, count: int):
 
 
 class TrainPairs:
-    """The whole train split in this worker's memory (token ids and reference log-probs), read once.
+    """One split's pairs in this worker's memory (token ids and reference log-probs), taken from the object store.
 
     Rows are sorted by pair id, so every worker and every rerun index the same pairs the same way whatever order
-    Ray Data read them in. Each worker holds the split: 4 bytes a token for each of the three id arrays plus a few
-    hundred bytes a pair; read once, so no epoch re-executes the read.
+    the reference stage wrote them in. Each worker holds the train split: 4 bytes a token for each of the three id
+    arrays plus a few hundred bytes a pair; read once, so no epoch re-executes a read.
     """
 
-    def __init__(self, shard):
+    def __init__(self, table):
         import numpy as np
 
-        columns = {name: [] for name in TRAIN_COLUMNS}
-        for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
-            for name in TRAIN_COLUMNS:
-                columns[name].extend(batch[name])
+        columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in TRAIN_COLUMNS}
         # Identical pairs share a pair id; their reference log-probs break the tie.
         order = np.lexsort((columns["ref_rejected_logp"], columns["ref_chosen_logp"], columns["pair_id"]))
         self.columns = {name: [values[i] for i in order] for name, values in columns.items()}
@@ -139,28 +138,40 @@ class TrainPairs:
     def batch(self, indices) -> dict:
         return {name: [values[i] for i in indices] for name, values in self.columns.items()}
 
+    def length(self, index: int) -> int:
+        """Tokens of pair `index` in the packed layout: prompt, chosen and rejected."""
+        return sum(len(self.columns[name][index]) for name in ("prompt_ids", "chosen_ids", "rejected_ids"))
 
-def concatenated_forward(model, batch: dict, pad_id: int, device):
+    def worker_batches(self, rank: int, world: int, batch_size: int) -> list[dict]:
+        """This worker's equal share (the remainder is left out, as eval_accounting records) in batches. Every
+        worker gets the same number of batches: FSDP's forward is a collective, so none may run one more."""
+        share = self.num_pairs // world
+        indices = range(rank * share, (rank + 1) * share)
+        return [self.batch(indices[i:i + batch_size]) for i in range(0, share, batch_size)]
+
+
+def concatenated_forward(model, batch: dict, pad_id: int, layout: str, device):
     """Policy log-probs of chosen and rejected completions, both in one forward pass.
 
-    The one owner of the pair layout: rows 0..n-1 are prompt + chosen, rows n..2n-1 prompt + rejected, right-padded
-    with `pad_id` (pipeline.logprobs.pad_pairs)."""
-    from pipeline.logprobs import completion_logps, pad_pairs
+    The one owner of the pair layout: each pair is a group (prompt, [chosen, rejected]) of pipeline.logprobs, so
+    the scores come back chosen, rejected, chosen, rejected, ..."""
+    from pipeline.logprobs import completion_logps, make_batch
 
-    prompts = [p.tolist() for p in batch["prompt_ids"]]
-    completions = [c.tolist() for c in batch["chosen_ids"]] + [r.tolist() for r in batch["rejected_ids"]]
-    padded = {k: v.to(device) for k, v in pad_pairs(prompts * 2, completions, pad_id).items()}
-    logps = completion_logps(model, padded)
-    return logps[: len(prompts)], logps[len(prompts):]
+    groups = [(prompt.tolist(), [chosen.tolist(), rejected.tolist()])
+              for prompt, chosen, rejected in zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"])]
+    logps = completion_logps(model, make_batch(groups, pad_id, layout).to(device)).view(-1, 2)
+    return logps[:, 0], logps[:, 1]
 
 
-def dpop_step_stats(model, batch: dict, pad_id: int, device, beta: float, dpop_lambda: float):
+def dpop_step_stats(worker: "Worker", batch: dict):
     """Forward one micro-batch; return the per-pair losses (with grad) and the summed statistics of STAT_KEYS."""
     import torch
 
     from pipeline.loss import dpop_loss
 
-    policy_chosen, policy_rejected = concatenated_forward(model, batch, pad_id, device)
+    t, device = worker.cfg.train, worker.device
+    beta, dpop_lambda = t.beta, t.dpop_lambda
+    policy_chosen, policy_rejected = concatenated_forward(worker.model, batch, worker.pad_id, worker.layout, device)
     ref_chosen = torch.tensor(batch["ref_chosen_logp"], dtype=torch.float32, device=device)
     ref_rejected = torch.tensor(batch["ref_rejected_logp"], dtype=torch.float32, device=device)
     out = dpop_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, dpop_lambda)
@@ -249,37 +260,75 @@ class Worker:
     world: int
     saved_dtype: object
     """The dtype the model was saved in; the final policy is written back in it."""
+    layout: str
+    """train.layout where the model's attention supports it, else `padded` (pipeline.logprobs.layout_for)."""
     early_stopping: EarlyStopping | None = None
 
 
+def load_policy(path: str, trust_remote_code: bool, mesh, device, mixed_precision: bool,
+                activation_checkpointing: bool):
+    """The policy, sharded, without any rank but 0 ever holding all of it (as torchtitan and torchtune load).
+
+    Every rank builds the model on the meta device (no memory), shards it (`parallelize`) and allocates only its
+    shard; rank 0 reads the weights and `set_model_state_dict` broadcasts them, each rank keeping its part.
+    Non-persistent buffers (rotary frequencies) are in no state dict: rank 0's, computed at load, are broadcast.
+    Weights load in fp32; bf16 compute comes from FSDP2's mixed-precision policy. Dropout is off.
+    """
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    rank = dist.get_rank()
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    persistent = set(model.state_dict())
+    disable_dropout(model)
+    parallelize(model, mesh, mixed_precision=mixed_precision, activation_checkpointing=activation_checkpointing)
+    model.to_empty(device=device)
+    full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code) \
+        if rank == 0 else None
+    set_model_state_dict(model, full.state_dict() if full else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    loaded_buffers = dict(full.named_buffers()) if full else {}
+    for name, buffer in model.named_buffers():
+        if name not in persistent:
+            value = loaded_buffers[name].to(device) if full else torch.empty_like(buffer)
+            dist.broadcast(value, src=0)
+            buffer.copy_(value)
+    return model, config.dtype
+
+
 def setup(cfg: Config) -> Worker:
-    """Load the policy in fp32 (bf16 compute on GPU comes from FSDP2's mixed-precision policy), dropout off, shard
-    it, and build AdamW with the warm-up/decay schedule."""
+    """The sharded policy (`load_policy`), its tokenizer, and AdamW with the warm-up/decay schedule."""
     import ray.train
     import ray.train.torch
     import torch
     from torch.distributed.device_mesh import init_device_mesh
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from pipeline.logprobs import layout_for
 
     t, remote_code = cfg.train, cfg.model.trust_remote_code
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.run.seed)
-    model_path = cfg.model.name_or_path
-    saved_dtype = AutoConfig.from_pretrained(model_path, trust_remote_code=remote_code).dtype
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
-                                                 trust_remote_code=remote_code).to(device)
-    disable_dropout(model)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model_path, trust_remote_code=remote_code)
+    model, saved_dtype = load_policy(cfg.model.name_or_path, remote_code, init_device_mesh(device.type, (world,)),
+                                     device, mixed_precision=training_dtype(cfg) == "bfloat16",
+                                     activation_checkpointing=t.activation_checkpointing)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.name_or_path,
+                                              trust_remote_code=remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    parallelize(model, init_device_mesh(device.type, (world,)), mixed_precision=t.use_gpu,
-                activation_checkpointing=t.activation_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, t.warmup_steps, t.max_steps, t.lr_schedule))
     early_stopping = EarlyStopping(t.early_stopping) if t.early_stopping else None
-    return Worker(cfg, model, optimizer, scheduler, tokenizer, pad_id, device, rank, world, saved_dtype,
+    layout = layout_for(model, t.layout)
+    if rank == 0 and layout != t.layout:
+        say(f"train.layout {t.layout} needs sdpa attention; {model.config._attn_implementation} uses {layout}")
+    return Worker(cfg, model, optimizer, scheduler, tokenizer, pad_id, device, rank, world, saved_dtype, layout,
                   early_stopping)
 
 
@@ -348,7 +397,7 @@ def forward_backward_step(worker: Worker, batch: dict, last_micro_batch: bool):
     """One micro-batch: forward, DPOP loss, backward. Gradients reduce-scatter only on the step's last one."""
     t = worker.cfg.train
     worker.model.set_requires_gradient_sync(last_micro_batch)
-    losses, sums = dpop_step_stats(worker.model, batch, worker.pad_id, worker.device, t.beta, t.dpop_lambda)
+    losses, sums = dpop_step_stats(worker, batch)
     # Sum over this worker's pairs / its pairs per step; FSDP averages over workers: a mean per pair.
     (losses.sum() / (t.batch_size // worker.world)).backward()
     return sums
@@ -361,7 +410,9 @@ def train_step(worker: Worker, pairs: TrainPairs, step: int) -> dict:
     t = worker.cfg.train
     per_worker = t.batch_size // worker.world
     start = (step - 1) * t.batch_size + worker.rank * per_worker
-    indices = stream_indices(pairs.num_pairs, worker.cfg.run.seed, start, per_worker)
+    # Micro-batches of similar length: the step's pairs (and so its gradient) stay the same, and a micro-batch
+    # pads (or packs) to less.
+    indices = sorted(stream_indices(pairs.num_pairs, worker.cfg.run.seed, start, per_worker), key=pairs.length)
     step_sums = None
     for micro_start in range(0, per_worker, t.micro_batch_size):
         batch = pairs.batch(indices[micro_start:micro_start + t.micro_batch_size])
@@ -381,7 +432,24 @@ def train_step(worker: Worker, pairs: TrainPairs, step: int) -> dict:
     worker.optimizer.zero_grad(set_to_none=True)
     epoch = (step - 1) * t.batch_size // pairs.num_pairs
     return {"step": step, "epoch": epoch, "learning_rate": lr, "grad_norm": grad_norm.item(),
-            **reduce_stats(step_sums)}
+            "peak_memory_mb": peak_memory_mb(worker.device), **reduce_stats(step_sums)}
+
+
+def peak_memory_mb(device) -> float:
+    """The largest worker's peak memory so far: allocated GPU memory, or on CPU the process's peak resident set
+    (which includes the Python runtime and libraries, about 0.5 GB here)."""
+    import resource
+
+    import torch
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # kilobytes on Linux
+    value = torch.tensor(float(peak), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return round(value.item(), 1)
 
 
 def evaluate(worker: Worker, eval_batches: list[dict]) -> dict:
@@ -393,7 +461,7 @@ def evaluate(worker: Worker, eval_batches: list[dict]) -> dict:
     total = None
     with torch.no_grad():
         for batch in eval_batches:
-            _, sums = dpop_step_stats(worker.model, batch, worker.pad_id, worker.device, t.beta, t.dpop_lambda)
+            _, sums = dpop_step_stats(worker, batch)
             total = sums if total is None else total + sums
     worker.model.train()
     return reduce_stats(total, prefix="eval/")
@@ -416,6 +484,7 @@ def save_policy(worker: Worker, out: str) -> None:
 def train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker: setup, resume, the steps with their logging, evaluation and checkpoints,
     then the final policy."""
+    import ray
     import ray.train
     import ray.util
 
@@ -431,11 +500,11 @@ def train_loop(loop_config: dict) -> None:
     placement_group = ray.util.get_current_placement_group()
     reported = {"placement_group": placement_group.id.hex()} if placement_group else {}
 
-    pairs = TrainPairs(ray.train.get_dataset_shard("train"))
+    pairs = TrainPairs(ray.get(loop_config["pairs"]["train"]))
     eval_batches = []
-    if loop_config["has_eval"]:
-        eval_batches = list(ray.train.get_dataset_shard("eval").iter_batches(
-            batch_size=t.micro_batch_size, batch_format="numpy"))
+    if "eval" in loop_config["pairs"]:
+        eval_batches = TrainPairs(ray.get(loop_config["pairs"]["eval"])).worker_batches(
+            worker.rank, worker.world, t.micro_batch_size)
 
     worker.model.train()
     step_started = time.time()
@@ -458,11 +527,12 @@ def train_loop(loop_config: dict) -> None:
                                                                 "logps/chosen", "dpop/penalty_active"))
             evaluated = f" | eval/loss {metrics['eval/loss']:.4g}" if "eval/loss" in metrics else ""
             say(f"step {step}/{t.max_steps} {shown}{evaluated} ({metrics['seconds_per_step']:.2f}s/step)")
-        # ray.train.report is a barrier that waits for the controller's poll (about 2 s), so only logged steps
-        # and checkpoints report. The condition is the same on every worker, as report requires.
+        # ray.train.report blocks while the controller has not yet taken the previous report (it polls every 2 s),
+        # so only checkpoints, the last step and rows with the metric a sweep ranks by are reported: metrics.jsonl
+        # is written above. The condition is the same on every worker, as report requires.
         if t.checkpoint_every and step % t.checkpoint_every == 0 and not last:
             save_checkpoint(worker, step, {**metrics, **reported})
-        elif logged:
+        elif last or (logged and loop_config["report_metric"] in metrics):
             ray.train.report({**metrics, **reported})
         if last:
             break
@@ -523,45 +593,47 @@ def low_edit_distance_warning(dpop_lambda: float, median_edit_distance: float | 
             f"uses 50).")
 
 
-def load_datasets(reference: str, t) -> tuple[dict, dict]:
-    """The reference stage's pairs as Ray Datasets for the trainer ("train", and "eval" when every worker gets a
-    row), and what the driver needs to know of them."""
-    import ray.data
-    from ray.data.expressions import col
+def load_pairs(reference: str, t) -> tuple[dict, dict]:
+    """The reference stage's pairs, read once by the driver and put in the object store as Arrow tables: "train",
+    and "eval" when every worker gets a row. Workers (and every trial of a sweep) take them from there, so no
+    train run starts Ray Data read tasks (about 12 s each here) and no epoch re-reads anything."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import ray
 
-    splits = ray.data.read_parquet(reference).select_columns(["split", "edit_distance"]).to_pandas()
-    train_rows, eval_rows = int((splits.split == "train").sum()), int((splits.split == "eval").sum())
+    table = storage.read_parquet(reference, columns=TRAIN_COLUMNS + ["split", "edit_distance"])
+    splits = {name: table.filter(pc.equal(table["split"], name)) for name in ("train", "eval")}
+    train_rows, eval_rows = splits["train"].num_rows, splits["eval"].num_rows
     if train_rows < t.micro_batch_size * t.num_workers:
         raise ValueError(f"train split has {train_rows} pairs; train.micro_batch_size * train.num_workers = "
                          f"{t.micro_batch_size * t.num_workers} need at least that many")
-    data = ray.data.read_parquet(reference).select_columns(TRAIN_COLUMNS + ["split"])
-    datasets = {"train": data.filter(expr=col("split") == "train").select_columns(TRAIN_COLUMNS)}
+    pairs = {"train": ray.put(splits["train"].select(TRAIN_COLUMNS))}
     if eval_rows >= t.num_workers:
-        datasets["eval"] = data.filter(expr=col("split") == "eval").select_columns(TRAIN_COLUMNS)
+        pairs["eval"] = ray.put(splits["eval"].select(TRAIN_COLUMNS))
     info = {"train_rows": train_rows, "eval_rows": eval_rows,
-            "median_edit_distance": float(splits[splits.split == "train"].edit_distance.median())}
-    return datasets, info
+            "median_edit_distance": float(np.median(splits["train"]["edit_distance"].drop_null().to_numpy()))}
+    return pairs, info
 
 
-def make_trainer(cfg: Config, out: str, run_name: str, datasets: dict, callbacks: list = ()):
+def make_trainer(cfg: Config, out: str, run_name: str, pairs: dict, callbacks: list = (),
+                 report_metric: str | None = None):
     """The TorchTrainer of one training run writing to `out`; the train stage and every tune trial use it.
-    Rerunning with the same `out` and `run_name` resumes from that run's newest checkpoint."""
+    `pairs` are load_pairs' object refs; `report_metric` is the metric a sweep ranks by (rows with it are reported
+    to Ray Train, and so to Tune). Rerunning with the same `out` and `run_name` resumes from that run's newest
+    checkpoint."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     t = cfg.train
     return TorchTrainer(
         train_loop,
-        train_loop_config={"config": cfg, "out": out, "has_eval": "eval" in datasets},
+        train_loop_config={"config": cfg, "out": out, "pairs": pairs, "report_metric": report_metric},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=run_name, storage_path=out, callbacks=list(callbacks),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
                                        # A lost worker restarts the group from the newest checkpoint.
                                        failure_config=ray.train.FailureConfig(max_failures=t.max_failures)),
-        datasets=datasets,
-        # Every worker reads the whole train split (TrainPairs shuffles it globally); the eval split is divided.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["eval"]),
     )
 
 
@@ -581,18 +653,15 @@ def eval_accounting(train_rows: int, eval_rows: int, num_workers: int) -> dict:
 
 def train_policy(cfg: Config, stage) -> dict:
     t = cfg.train
-    datasets, info = load_datasets(stage.inputs["reference"], t)
+    pairs, info = load_pairs(stage.inputs["reference"], t)
     warnings = config_warnings(cfg) + [w for w in [low_edit_distance_warning(t.dpop_lambda,
                                                                              info["median_edit_distance"])] if w]
     for warning in warnings:
         print(f"[dpop] WARNING: {warning}", flush=True)
     print(f"[dpop] train: {info['train_rows']} train / {info['eval_rows']} eval pairs, {t.max_steps} steps of "
           f"{t.batch_size} pairs on {t.num_workers} worker(s), beta={t.beta} lambda={t.dpop_lambda}", flush=True)
-    # Read once, here: every worker then takes its pairs from the object store, and no worker starts read tasks
-    # that would wait for CPUs its own group holds (a 2-CPU cluster with 2 workers would wait forever).
-    datasets = {name: ds.materialize() for name, ds in datasets.items()}
     # The fingerprint in the run name: a rerun of the same config resumes its checkpoints, another starts anew.
-    result = make_trainer(cfg, stage.out, f"ray-{stage.fingerprint}", datasets).fit()
+    result = make_trainer(cfg, stage.out, f"ray-{stage.fingerprint}", pairs).fit()
     if result.error:
         raise result.error
 

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.config import Config, config_from_dict
-from pipeline.train import load_datasets, make_trainer, read_metrics
+from pipeline.train import load_pairs, make_trainer, read_metrics
 
 TRIAL_DRIVER_CPUS = 0.1  # a trial's own process only waits on its TorchTrainer; its workers hold the real CPUs
 
@@ -31,9 +31,10 @@ def trial_folder(beta: float, dpop_lambda: float, trial_id: str) -> str:
     return f"beta_{beta:g}-lambda_{dpop_lambda:g}-{trial_id}"
 
 
-def run_trial(params: dict, datasets: dict) -> None:
-    """One Tune trial: the train stage's TorchTrainer with this trial's β and λ, reporting to Tune. `datasets` are
-    the reference pairs, read and materialized once by the sweep and shared by every trial."""
+def run_trial(params: dict, pairs: dict) -> None:
+    """One Tune trial: the train stage's TorchTrainer with this trial's β and λ, reporting to Tune. `pairs` are
+    the reference pairs' object refs (pipeline.train.load_pairs), read once by the sweep and shared by every
+    trial."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -41,7 +42,8 @@ def run_trial(params: dict, datasets: dict) -> None:
     cfg.train.beta, cfg.train.dpop_lambda = params["beta"], params["dpop_lambda"]
     folder = trial_folder(cfg.train.beta, cfg.train.dpop_lambda, tune.get_context().get_trial_id())
     out = storage.join(params["out"], "trials", folder)
-    result = make_trainer(cfg, out, "ray-train", datasets, callbacks=[TuneReportCallback()]).fit()
+    result = make_trainer(cfg, out, "ray-train", pairs, callbacks=[TuneReportCallback()],
+                          report_metric=cfg.tune.metric).fit()
     if result.error:
         raise result.error
 
@@ -233,18 +235,17 @@ def sweep(cfg: Config, stage) -> dict:
         scheduler = ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps,
                                   grace_period=min(tc.grace_period, cfg.train.max_steps), reduction_factor=2)
     concurrency = _concurrency(cfg)
-    # The reference pass, read once and held in the object store for every trial. Materialized data also means a
-    # trial's trainer starts no read tasks: when a trial ends mid-epoch, no half-read pipeline keeps its CPUs.
-    datasets, info = load_datasets(stage.inputs["reference"], cfg.train)
-    if tc.metric.startswith("eval/") and "eval" not in datasets:
+    # The reference pass, read once and held in the object store for every trial: a trial's trainer starts no
+    # read tasks, so when a trial ends mid-epoch no half-read pipeline keeps its CPUs.
+    pairs, info = load_pairs(stage.inputs["reference"], cfg.train)
+    if tc.metric.startswith("eval/") and "eval" not in pairs:
         # Checked before any trial starts: otherwise every trial runs and the sweep ends with no winner.
         raise ValueError(f"tune.metric: {tc.metric!r} needs an eval split of at least train.num_workers = "
                          f"{cfg.train.num_workers} pairs, and the reference stage has {info['eval_rows']}; raise "
                          f"data.eval_fraction or rank by a train metric")
-    datasets = {name: ds.materialize() for name, ds in datasets.items()}
     print(f"[dpop] tune: {info['train_rows']} train / {info['eval_rows']} eval pairs from {stage.inputs['reference']}, "
           f"shared by every trial", flush=True)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, datasets=datasets), {"CPU": TRIAL_DRIVER_CPUS})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, pairs=pairs), {"CPU": TRIAL_DRIVER_CPUS})
     experiment = storage.join(stage.out, f"ray-{stage.fingerprint}")
     if tune.Tuner.can_restore(experiment):
         print(f"[dpop] tune: resuming the sweep in {experiment}: finished trials are kept", flush=True)

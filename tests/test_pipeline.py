@@ -249,6 +249,22 @@ def test_early_stopping_ends_the_run_and_keeps_the_best_evaluations_weights(demo
         assert (tensor - two_steps[name]).abs().max().item() < 1e-6, name
 
 
+def test_the_plain_padded_layout_trains_as_the_packed_one_does(demo):
+    """train.layout padded (one right-padded row per sequence, the plain computation) against the demo's packed,
+    prefix-shared run: the same losses and log-probs at every step, up to float rounding (summation order)."""
+    config, run_dir, data = demo
+    for stage in ("pairs", "reference"):
+        shutil.copytree(run_dir / stage, run_dir.parent / "padded" / stage)
+    assert main(["run", config, "--set", "run.name=padded", "--set", "train.layout=padded",
+                 "--set", "train.checkpoint_every=0"]) == 0
+    padded = [json.loads(line) for line in open(run_dir.parent / "padded" / "train" / "metrics.jsonl")]
+    assert [r["step"] for r in padded] == [r["step"] for r in data["uninterrupted"]]
+    for plain, packed in zip(padded, data["uninterrupted"]):
+        for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "eval/loss"):
+            if key in packed:
+                assert plain[key] == pytest.approx(packed[key], abs=1e-4), (packed["step"], key)
+
+
 def test_second_run_skips_every_stage(demo, capsys):
     config, run_dir, _ = demo
     before = {s: read_manifest(run_dir, s)["finished_at"] for s in ("pairs", "reference", "train")}
