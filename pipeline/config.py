@@ -298,6 +298,9 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
+FLOAT_WITHOUT_DOT = re.compile(r"[-+]?\d+[eE][-+]?\d+")
+
+
 def _convert(value, tp, key: str):
     """Check `value` against the type annotation `tp` and build dataclasses; errors name `key`."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -321,6 +324,9 @@ def _convert(value, tp, key: str):
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str) and FLOAT_WITHOUT_DOT.fullmatch(value.strip()):
+        # YAML 1.1 (PyYAML) reads 1e-6 as a string: only 1.0e-6 is a float. Users write 1e-6.
         return float(value)
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")

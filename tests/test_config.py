@@ -29,6 +29,17 @@ def test_defaults_and_types(tmp_path, base):
     assert cfg.data.sources[0].format == "pairwise"
 
 
+def test_exponent_floats_without_a_dot_are_floats(tmp_path, base):
+    """PyYAML reads `1e-6` as a string (YAML 1.1 wants `1.0e-6`); in a file or a --set it means the number."""
+    path = tmp_path / "c.yaml"
+    write_config(path, base)
+    cfg = load_config(str(path), ["train.learning_rate=1e-6", "train.beta=2E-1"])
+    assert cfg.train.learning_rate == 1e-6 and cfg.train.beta == 0.2
+    text = path.read_text().replace("train:\n", "train:\n  weight_decay: 1e-2\n", 1)
+    path.write_text(text)
+    assert load_config(str(path)).train.weight_decay == 0.01
+
+
 @pytest.mark.parametrize("mutate, message", [
     (lambda r: r["train"].update(betta=0.1), "unknown key train.betta (did you mean train.beta?)"),
     (lambda r: r.update(trainer={}), "unknown key trainer"),
