@@ -17,7 +17,7 @@ pair counted as prompt + chosen + prompt + rejected, the same work whatever the 
 and MFU:
 
     MFU = model FLOPs per second per GPU / peak dense bf16 FLOP/s of the GPU (989 TFLOP/s for H100 and H200 SXM)
-    model FLOPs per step = sum over pairs of [ 6 · N · T_pair + 6 · d · V · C_pair + 12 · L · d · Σ_seq len² / 2 ]
+    model FLOPs per step = Σ_pairs [ 6 · N · T_pair + 6 · d · V · C_pair + 12 · L · d · Σ_seq len² / 2 ]
 
 with N the non-embedding parameters, T_pair = prompt + chosen + prompt + rejected tokens, C_pair the completion
 tokens (where log-probs are needed), d the hidden size, V the vocabulary, L the layers and the attention term

@@ -119,9 +119,10 @@ def main() -> None:
                "precision": "float32", "mean_pair_tokens": round(pair_tokens, 1),
                "step0_reference_logp_gap": {"max": max(gaps), "mean": statistics.mean(gaps),
                                             "pairs": len(exported), "ours": cfg.reference.backend, "trl": "precompute"},
-               "trl_versions": subprocess.run([TRL_PYTHON, "-c", "import trl, transformers, torch; print(trl.__version__,"
-                                               " transformers.__version__, torch.__version__)"],
-                                              capture_output=True, text=True).stdout.split(),
+               "trl_versions": subprocess.run(
+                   [TRL_PYTHON, "-c", "import trl, transformers, torch; "
+                                      "print(trl.__version__, transformers.__version__, torch.__version__)"],
+                   capture_output=True, text=True).stdout.split(),
                "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "runs": table}
     name = os.path.basename(cfg.model.name_or_path.rstrip("/"))
     out = os.path.join(HERE, "benchmarks", f"train_{name}.json")

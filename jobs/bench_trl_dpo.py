@@ -5,7 +5,7 @@ Runs in .venv-trl (bash jobs/install_trl.sh), never in the pipeline's environmen
     .venv-trl/bin/python jobs/bench_trl_dpo.py --model M --pairs pairs.jsonl --steps 6 --batch 4 [--precompute]
 
 On a GPU, beside jobs/bench_gpu.py (same ~1B Llama shape with random weights, the same synthetic token-id pairs,
-bf16, the same micro-batch and accumulation), where only torch and transformers are installed:
+bf16, the same micro-batch and accumulation), with TRL, datasets, dill and multiprocess carried as wheels:
 
     python jobs/bench_trl_dpo.py --gpu-like-bench-gpu --steps 5 --batch 8 --accumulation 4 [--precompute]
 
@@ -13,8 +13,8 @@ There TRL's tokenization is skipped (its `_prepare_dataset` passes the id pairs 
 same tokens.
 
 Same precision as ours (fp32: DPOConfig's bf16 default is turned off), activation checkpointing off as ours (TRL
-turns it on by default; --gradient-checkpointing for both sides' memory-saving setting), same pairs as text (TRL tokenizes them to the
-same ids: the completions already end with the end-of-sequence token), same batch, β and learning rate, no
+turns it on by default; --gradient-checkpointing for both sides' memory-saving setting), same pairs as text (TRL
+tokenizes them to the same ids: the completions already end with the end-of-sequence token), same batch, β and learning rate, no
 evaluation and no checkpoints. Prints one JSON line: seconds per step (each step timed by a callback), the time of
 the reference pre-pass, the process's peak resident memory, the first step's loss, and with --precompute TRL's
 reference log-probs of every pair, which bench_train.py compares with our reference stage's.

@@ -3,8 +3,8 @@
 A batch is a list of groups: one prompt and the completions scored after it (a pair's chosen and rejected, a
 question's choices, or one completion). Two layouts put them into tensors (`ScoringBatch`):
 
-- `packed` (for PyTorch's scaled_dot_product_attention, transformers' `sdpa`, which takes a boolean mask): each group is one run of tokens,
-  prompt + completion_1 + ... + completion_k, and runs are packed into rows without padding. A 4-D mask lets a
+- `packed` (for PyTorch's scaled_dot_product_attention, transformers' `sdpa`, which takes a boolean mask): each
+  group is one run of tokens, prompt + completion_1 + ... + completion_k, and runs are packed into rows without padding. A 4-D mask lets a
   token see only earlier tokens of its own prompt and its own completion, and position ids restart at the
   prompt's length for every completion, so each completion is scored exactly as if it followed the prompt alone.
   The prompt is computed once for all its completions (prefix sharing), and no position is padding.

@@ -1,6 +1,7 @@
 """`train` stage: the DPOP policy update on Ray Train (`TorchTrainer`) with FSDP2.
 
-Driver (`train_policy`): reference Parquet -> train/eval Ray Datasets -> TorchTrainer(train_loop) -> curves PNG.
+Driver (`train_policy`): reference Parquet -> train/eval Arrow tables in the object store (`load_pairs`)
+    -> TorchTrainer(train_loop) -> curves PNG.
 Each worker (`train_loop`), top to bottom:
     setup (load_policy: built on the meta device, parallelized with FSDP2, each rank's shard filled from rank 0's
     read, dropout off; AdamW + warm-up/decay) -> restore_checkpoint
@@ -170,11 +171,10 @@ def dpop_step_stats(worker: "Worker", batch: dict):
     from pipeline.loss import dpop_loss
 
     t, device = worker.cfg.train, worker.device
-    beta, dpop_lambda = t.beta, t.dpop_lambda
     policy_chosen, policy_rejected = concatenated_forward(worker.model, batch, worker.pad_id, worker.layout, device)
     ref_chosen = torch.tensor(batch["ref_chosen_logp"], dtype=torch.float32, device=device)
     ref_rejected = torch.tensor(batch["ref_rejected_logp"], dtype=torch.float32, device=device)
-    out = dpop_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, dpop_lambda)
+    out = dpop_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, t.beta, t.dpop_lambda)
     ref_gap = ((policy_chosen.detach() - ref_chosen).abs() + (policy_rejected.detach() - ref_rejected).abs()) / 2
     sums = torch.stack([
         out.losses.detach().sum(),
@@ -644,7 +644,8 @@ def read_metrics(out: str) -> list[dict]:
 
 def eval_accounting(train_rows: int, eval_rows: int, num_workers: int) -> dict:
     """Which reference rows a run uses. Every train pair is used; the eval split is divided equally among the
-    workers (Ray's equal split leaves out the remainder), and one smaller than the worker count is not used."""
+    workers (TrainPairs.worker_batches leaves out the remainder), and one smaller than the worker count is not
+    used."""
     unused = eval_rows if eval_rows < num_workers else eval_rows % num_workers
     dropped = {("eval_split_too_small" if eval_rows < num_workers else "eval_remainder"): unused} if unused else {}
     return {"rows_in": train_rows + eval_rows, "rows_out": train_rows + eval_rows - unused, "rows_dropped": unused,

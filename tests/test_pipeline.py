@@ -48,7 +48,7 @@ def test_every_output_is_there(demo):
 
     train = read_manifest(run_dir, "train")
     assert train["steps"] == 12 and train["resumed_from_step"] is None
-    # Every reference row is a train pair, an eval pair, or counted (the eval remainder Ray's equal split leaves out).
+    # Every reference row is a train pair, an eval pair, or counted (the eval remainder an equal split leaves out).
     assert train["rows_in"] == reference.num_rows == train["rows_out"] + train["rows_dropped"]
     assert train["rows_dropped"] == train["eval_rows"] % 2 == sum(train["dropped"].values())
     rows = [json.loads(line) for line in open(run_dir / "train" / "metrics.jsonl")]
