@@ -30,7 +30,8 @@ def stage_seconds(manifest: dict) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="jobs/smollm2_dpo_vs_dpop.yaml")
-    parser.add_argument("--backends", default="hf,vllm")
+    parser.add_argument("--backends", default="hf,vllm",
+                        help="vllm:N runs the vllm backend with reference.max_num_batched_tokens=N")
     parser.add_argument("--cpus-per-actor", type=int, default=2,
                         help="one actor with this many CPUs (torch threads), as many as TRL's --threads")
     args = parser.parse_args()
@@ -49,13 +50,18 @@ def main() -> None:
     pairs = pq.read_table(f"{run}/pairs").to_pylist()
     tokens = sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in pairs)
     rows = []
-    for backend in args.backends.split(","):
+    for variant in args.backends.split(","):
+        backend, _, step_tokens = variant.partition(":")
+        budget = ["--set", f"reference.max_num_batched_tokens={step_tokens}"] if step_tokens else []
+        if backend == "vllm":  # on CPU vLLM's memory share is of host RAM: its GPU default (0.85) would take it all
+            budget += ["--set", "reference.gpu_memory_utilization=0.2"]
         subprocess.run([sys.executable, "-m", "pipeline", "run", args.config, "--stages", "reference", "--force",
                         "reference", "--set", f"reference.backend={backend}", "--set", "reference.num_actors=1",
-                        "--set", f"reference.cpus_per_actor={args.cpus_per_actor}"],
+                        "--set", f"reference.cpus_per_actor={args.cpus_per_actor}", *budget],
                        check=True, stdout=subprocess.DEVNULL)
         seconds = stage_seconds(storage.read_json(f"{run}/reference/_manifest.json"))
-        rows.append({"side": f"ours ({backend})", "seconds": round(seconds, 1), "tokens_per_second": tokens / seconds})
+        side = f"ours ({backend}, {step_tokens} tokens a step)" if step_tokens else f"ours ({backend})"
+        rows.append({"side": side, "seconds": round(seconds, 1), "tokens_per_second": tokens / seconds})
     with tempfile.TemporaryDirectory() as folder:
         pairs_file = os.path.join(folder, "pairs.jsonl")
         with open(pairs_file, "w") as f:
@@ -77,9 +83,9 @@ def main() -> None:
     path = os.path.join(HERE, "benchmarks", f"reference_{name}.json")
     with open(path, "w") as f:
         json.dump(figures, f, indent=2)
-    print(f"{'side':32} {'seconds':>8} {'tokens/s':>9} {'x TRL':>6}")
+    print(f"{'side':40} {'seconds':>8} {'tokens/s':>9} {'x TRL':>6}")
     for r in rows:
-        print(f"{r['side']:32} {r['seconds']:>8} {r['tokens_per_second']:>9} {r['against_trl']:>6}")
+        print(f"{r['side']:40} {r['seconds']:>8} {r['tokens_per_second']:>9} {r['against_trl']:>6}")
     print(f"{len(pairs)} pairs, {tokens} pair tokens; wrote {path}")
 
 

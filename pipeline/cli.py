@@ -4,6 +4,7 @@ import sys
 
 from pipeline.config import ConfigError, config_warnings, load_config
 from pipeline.report import write_report
+from pipeline.tracking import attach_eval
 from pipeline.runner import STAGE_NAMES, PlanError, StageFailed, run_stages, stage_states
 
 
@@ -48,10 +49,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[dpop] WARNING: {warning}", file=sys.stderr, flush=True)
         run_stages(cfg, args.stages, args.force)
         try:
-            print(f"[dpop] report: {write_report(cfg)}", flush=True)
+            report = write_report(cfg)
+            print(f"[dpop] report: {report}", flush=True)
         except Exception as e:  # the stages are done and on storage; a report that fails must not hide that
             print(f"[dpop] WARNING: the run report failed ({type(e).__name__}: {e}); `dpop report` retries it",
                   file=sys.stderr, flush=True)
+        else:
+            try:
+                attach_eval(cfg, report)
+            except Exception as e:  # likewise: a tracking server that is down must not fail a finished run
+                print(f"[dpop] WARNING: adding the eval results to run.trackers failed ({type(e).__name__}: {e}); "
+                      f"the next `dpop run` retries it", file=sys.stderr, flush=True)
     except PlanError as e:
         print(f"dpop: {e}", file=sys.stderr)
         return 2

@@ -40,6 +40,19 @@ class RunSection:
     """Ray cluster to join. Unset: the cluster in RAY_ADDRESS (as under `ray job submit`), else a new local one."""
     num_cpus: int | None = execution_only(None)
     """Logical CPUs of a new local cluster. May exceed the cores so train workers and data tasks all fit."""
+    trackers: list[Literal["mlflow", "tensorboard", "wandb"]] = field(default_factory=list,
+                                                                       metadata={"execution_only": True})
+    """Experiment trackers that get every train run and sweep trial as one run: its parameters (β, λ, learning
+    rate, model, pair fingerprint...) and every metrics.jsonl row, then the eval stage's results and the report.
+    `tensorboard` writes each run's `tensorboard/` folder; `wandb` needs the wandb package. Credentials come from
+    the environment (MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD, WANDB_API_KEY), never from here."""
+    mlflow_tracking_uri: str | None = execution_only(None)
+    """MLflow server or store (`http://host:5000`, `databricks`, `sqlite:///...`). Unset: the run folder's `mlruns/`
+    (then `mlflow ui --backend-store-uri <run folder>/mlruns`); required when `storage` is an object store."""
+    mlflow_experiment: str | None = execution_only(None)
+    """MLflow experiment the runs are filed under; unset: the run name."""
+    wandb_project: str | None = execution_only(None)
+    """Weights & Biases project; unset: the run name."""
 
 
 @dataclass
@@ -55,7 +68,8 @@ class ModelSection:
 @dataclass
 class SourceSection:
     path: str
-    """A local .jsonl/.json/.parquet file or folder, an s3:// or gs:// URI, or `hf:NAME` for a Hugging Face dataset."""
+    """A local .jsonl/.json/.parquet file or folder, an s3:// or gs:// URI, or `hf:NAME` for a Hugging Face dataset
+    in the local Hugging Face cache (read offline; its revision goes into the manifest)."""
     format: Literal["pairwise", "implicit_prompt", "multiple_choice", "math_corruption"]
     """`pairwise`: prompt, chosen, rejected (strings, or chat messages that get the chat template).
     `implicit_prompt`: chosen and rejected are whole conversations; the prompt is their shared turns before the
@@ -130,6 +144,11 @@ class ReferenceSection:
     """Logical CPUs each actor reserves."""
     gpu_memory_utilization: float = execution_only(0.85)
     """vLLM's share of GPU memory for weights and KV cache (on CPU: of host memory; keep it near 0.2-0.3 there)."""
+    max_num_batched_tokens: int = execution_only(8192)
+    """vLLM: tokens per engine step. Scoring is all prefill, so a larger budget scores more sequences per forward
+    pass than vLLM's generation-sized default (2048 on CPU); the cost is the step's prompt log-probs, a (tokens x
+    vocabulary) fp32 buffer: 1.6 GB at 8192 tokens for a 49k vocabulary. Longer sequences are split across steps
+    (chunked prefill), so it need not exceed `data.max_length`."""
 
 
 @dataclass
@@ -143,6 +162,22 @@ class EarlyStoppingSection:
     """Evaluations (every train.eval_every steps) without improvement before the run ends."""
     min_delta: float = 0.0
     """An evaluation improves on the best only by more than this."""
+
+
+@dataclass
+class LoraSection:
+    r: int = 16
+    """Rank of each adapter: the update to a weight W is (alpha / r) * B @ A, with A of r rows and B of r columns."""
+    alpha: float = 32.0
+    """Scale of the adapter's update (peft's lora_alpha); the update is multiplied by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on each adapter's input during training (the base model's own dropout stays off)."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Which linear layers get an adapter: module names (`[q_proj, v_proj]`), or `[all-linear]` (every linear
+    layer but the output head), as peft reads them."""
+    merge: bool = True
+    """Also save the merged model (base + adapter, Hugging Face format) as `model/`, which `eval` and vLLM load.
+    Off: only `adapter/` is written, and the trained policy cannot be evaluated."""
 
 
 @dataclass
@@ -195,6 +230,11 @@ class TrainSection:
     max_failures: int = execution_only(1)
     """Restarts of the worker group after a failure (a lost worker or node, an error), each from the newest
     checkpoint. -1: unlimited. Errors that repeat (a non-finite loss) also rerun this often before the stage fails."""
+    lora: LoraSection | None = None
+    """Off unless set (e.g. `lora: {r: 16}`): train LoRA adapters through peft instead of every weight. Only the
+    adapters get gradients and optimizer state; FSDP2 shards base and adapters alike, and every sweep trial trains
+    its own adapters. The reference log-probs stay the precomputed ones of the base model. The stage saves
+    `adapter/` (peft format) and, with `merge`, the merged model as `model/`."""
     early_stopping: EarlyStoppingSection | None = None
     """Off unless set (e.g. `early_stopping: {patience: 3}`): end the run, and each sweep trial, when the eval
     metric has not improved for `patience` evaluations; `model/` is then the best evaluation's weights and the
@@ -410,8 +450,11 @@ def validate(cfg: Config) -> Config:
     for key in ("batch_size", "rows_per_file", "micro_batch_size", "num_actors", "tensor_parallel_size",
                 "cpus_per_actor"):
         _positive(f"reference.{key}", getattr(ref, key))
+    if ref.max_num_batched_tokens < 1:
+        raise ConfigError(f"reference.max_num_batched_tokens: must be at least 1, got {ref.max_num_batched_tokens!r}")
     if not 0 < ref.gpu_memory_utilization <= 1:
         raise ConfigError(f"reference.gpu_memory_utilization: must be in (0, 1], got {ref.gpu_memory_utilization!r}")
+    _check_trackers(cfg)
     t = cfg.train
     _positive("train.beta", t.beta)
     _positive("train.dpop_lambda", t.dpop_lambda, allow_zero=True)
@@ -425,6 +468,14 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.max_failures: must be -1 (unlimited) or >= 0, got {t.max_failures!r}")
     if t.early_stopping is not None:
         _check_early_stopping(cfg)
+    if t.lora is not None:
+        _positive("train.lora.r", t.lora.r)
+        _positive("train.lora.alpha", t.lora.alpha)
+        if not 0 <= t.lora.dropout < 1:
+            raise ConfigError(f"train.lora.dropout: must be in [0, 1), got {t.lora.dropout!r}")
+        if not t.lora.target_modules or "all-linear" in t.lora.target_modules and len(t.lora.target_modules) > 1:
+            raise ConfigError(f"train.lora.target_modules: module names, or [all-linear] alone; got "
+                              f"{t.lora.target_modules!r}")
     if cfg.tune is not None:
         for key in ("beta", "dpop_lambda"):
             values = getattr(cfg.tune, key)
@@ -464,6 +515,9 @@ def _validate_eval(cfg: Config) -> None:
         raise ConfigError("eval.policies: needs train, tune or both")
     if "tune" in ev.policies and cfg.tune is None:
         raise ConfigError("eval.policies: lists tune, but the config has no tune section")
+    if cfg.train.lora and not cfg.train.lora.merge:
+        raise ConfigError("train.lora.merge: false saves the adapters only, and eval scores Hugging Face models; "
+                          "set it to true (the default) to evaluate the trained policies")
     if ev.pairs and cfg.data.eval_fraction == 0:
         raise ConfigError("eval.pairs: scores the held-out pairs, but data.eval_fraction is 0 (no pair is held out); "
                           "raise it or set eval.pairs=false")
@@ -506,6 +560,19 @@ def _validate_eval(cfg: Config) -> None:
         if metric not in TASK_METRICS[tasks[task]]:
             raise ConfigError(f"eval.select_by: {task} reports {', '.join(TASK_METRICS[tasks[task]])}, not "
                               f"{metric!r}")
+
+
+def _check_trackers(cfg: Config) -> None:
+    import importlib.util
+
+    packages = {"mlflow": "mlflow", "tensorboard": "tensorboardX", "wandb": "wandb"}
+    for tracker in cfg.run.trackers:
+        if importlib.util.find_spec(packages[tracker]) is None:
+            raise ConfigError(f"run.trackers: {tracker} needs the {packages[tracker]} package: "
+                              f"pip install {packages[tracker]}")
+    if "mlflow" in cfg.run.trackers and "://" in cfg.run.storage and not cfg.run.mlflow_tracking_uri:
+        raise ConfigError("run.mlflow_tracking_uri: needed with mlflow when run.storage is an object store (the "
+                          "default, a local mlruns folder in the run folder, exists only there)")
 
 
 def _check_early_stopping(cfg: Config) -> None:
@@ -678,7 +745,7 @@ def reference_markdown() -> str:
                 docs[(node.name, statement.target.id)] = " ".join(str(following.value.value).split())
     sections = [("run", RunSection), ("model", ModelSection), ("data", DataSection), ("data.sources[]", SourceSection),
                 ("reference", ReferenceSection), ("train", TrainSection),
-                ("train.early_stopping", EarlyStoppingSection), ("tune", TuneSection),
+                ("train.early_stopping", EarlyStoppingSection), ("train.lora", LoraSection), ("tune", TuneSection),
                 ("eval", EvalSection), ("eval.sources[]", EvalSourceSection)]
     lines = []
     for prefix, cls in sections:

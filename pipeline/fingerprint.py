@@ -10,7 +10,8 @@ the stages that read it stale, or training would run against another model's ref
 - Tokenizer: the same, without the weight files, so new weights leave the `pairs` stage current.
 - Data: each file's SHA-256, streamed. Files above FULL_DIGEST_BYTES enter by size, modification time and the
   digest of their first and last DIGEST_EDGE_BYTES (an edit in their middle that keeps size and time is missed).
-  `hf:` sources enter by name, subset and split.
+  `hf:NAME` sources are resolved in the local Hugging Face cache to their snapshot: its files enter as a data
+  folder's do, with the snapshot's revision (commit).
 """
 import hashlib
 import os
@@ -57,31 +58,63 @@ def _files(uri: str) -> list[tuple[str, str, pafs.FileInfo]]:
 
 
 def source_identity(path: str, subset: str | None = None, split: str | None = None) -> list:
-    """The content of a data source: [relative name, digest] per file, or the `hf:` name, subset and split."""
+    """The content of a data source: [relative name, digest] per file (for `hf:NAME`, of its cached snapshot, with
+    the revision, subset and split)."""
     if path.startswith("hf:"):
-        return [path, subset, split]
+        folder, revision = hub_folder(path[3:], "dataset")
+        return [path, revision, subset, split, source_identity(folder)]
     return [[relative, _file_digest(uri, info.size, info.mtime_ns)] for relative, uri, info in _files(path)]
 
 
 class ModelNotFound(ValueError):
-    """The model is neither a local folder nor a hub name in the local Hugging Face cache."""
+    """A model, tokenizer or `hf:` dataset that is neither a local folder nor in the local Hugging Face cache."""
+
+
+def hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def hub_folder(name: str, repo_type: str = "model") -> tuple[str, str]:
+    """The cached snapshot folder of a hub repository and its revision (the commit it was downloaded at). Offline:
+    only the local Hugging Face cache is read; nothing is downloaded."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(name, repo_type=repo_type, local_files_only=True)
+    except Exception as e:  # not a repo name, or not in the cache (offline): the message says which
+        download = f"hf download {name}" + (" --repo-type dataset" if repo_type == "dataset" else "")
+        raise ModelNotFound(
+            f"{name!r} is {'' if repo_type == 'dataset' else 'not a local folder, and '}not in the local Hugging "
+            f"Face cache ({hub_cache()}; HF_HUB_CACHE or HF_HOME move it): on a machine with access, run "
+            f"`{download}` with the same cache, or copy its folder {repo_type}s--{name.replace('/', '--')} there"
+            f"{'' if repo_type == 'dataset' else ', or give a local folder'} [{type(e).__name__}]") from None
+    return folder, os.path.basename(folder.rstrip("/"))
 
 
 def model_folder(name_or_path: str) -> tuple[str, str | None]:
     """The local folder of a model and, for a hub name, the cached snapshot's revision (commit)."""
-    if os.path.isdir(name_or_path):
+    if os.path.isdir(name_or_path) or storage.is_remote(name_or_path):
         return name_or_path, None
-    from huggingface_hub import snapshot_download
+    return hub_folder(name_or_path)
 
-    try:
-        folder = snapshot_download(name_or_path, local_files_only=True)
-    except Exception as e:  # not a repo name, or not in the cache (offline): the message says which
-        raise ModelNotFound(
-            f"{name_or_path!r} is not a local folder, and not in the local Hugging Face cache "
-            f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}): "
-            f"download it there first (huggingface-cli download {name_or_path}) or give a folder "
-            f"[{type(e).__name__}]") from None
-    return folder, os.path.basename(folder.rstrip("/"))
+
+def hub_revisions(cfg, reads: tuple[str, ...]) -> dict:
+    """The hub revisions behind what a stage reads (models and `hf:` datasets given by name), for its manifest."""
+    revisions = {}
+    if "tokenizer" in reads or "model" in reads:
+        names = [cfg.model.name_or_path] if "model" in reads else []
+        names += [cfg.model.tokenizer or cfg.model.name_or_path] if "tokenizer" in reads else []
+        for name in dict.fromkeys(names):
+            revision = model_folder(name)[1]
+            if revision:
+                revisions[name] = revision
+    sources = (cfg.data.sources if "sources" in reads else []) + (cfg.eval.sources if "eval_sources" in reads else [])
+    for source in sources:
+        if source.path.startswith("hf:"):
+            revisions[source.path] = hub_folder(source.path[3:], "dataset")[1]
+    return revisions
 
 
 def model_identity(name_or_path: str, weights: bool = True) -> dict:

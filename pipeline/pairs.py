@@ -365,7 +365,12 @@ def read_source(source: dict):
         import datasets
 
         if path.startswith("hf:"):
-            hf = datasets.load_dataset(path[3:], source["subset"], split=source["split"])
+            # The cached snapshot's files, read as a local dataset folder: no hub request, whatever the
+            # datasets library's offline handling (the runner resolved it before Ray started).
+            from pipeline.fingerprint import hub_folder
+
+            folder, _ = hub_folder(path[3:], "dataset")
+            hf = datasets.load_dataset(folder, source["subset"], split=source["split"])
         else:
             hf = datasets.load_from_disk(path)
             if isinstance(hf, datasets.DatasetDict):
@@ -373,7 +378,9 @@ def read_source(source: dict):
                     raise ValueError(f"{path}: saved dataset has splits {sorted(hf)}, not {source['split']!r} "
                                      f"(set the source's split)")
                 hf = hf[source["split"]]
-        ds = ray.data.from_huggingface(hf).map_batches(_records, batch_format="pyarrow")
+        # Its Arrow table (memory-mapped from the datasets cache), not ray.data.from_huggingface: that one asks the
+        # hub for the dataset's Parquet export first, which fails offline.
+        ds = ray.data.from_arrow(hf.with_format("arrow")[:]).map_batches(_records, batch_format="pyarrow")
     else:
         kind, files = source_files(path)
         if kind == ".parquet":

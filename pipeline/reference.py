@@ -34,7 +34,8 @@ class VLLMEngine:
     """One vLLM engine: summed completion log-probs (prompt log-probs of prompt+completion) and greedy answers."""
 
     def __init__(self, model: str, tokenizer: str | None, dtype: str, tensor_parallel_size: int,
-                 gpu_memory_utilization: float, max_model_len: int, trust_remote_code: bool, seed: int):
+                 gpu_memory_utilization: float, max_model_len: int, max_num_batched_tokens: int,
+                 trust_remote_code: bool, seed: int):
         from vllm import LLM
 
         model = storage.local_dir(model)
@@ -47,6 +48,8 @@ class VLLMEngine:
             distributed_executor_backend="uni" if tensor_parallel_size == 1 else "mp",
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len,
+            max_num_batched_tokens=max_num_batched_tokens,
+            enable_chunked_prefill=True,  # sequences longer than one step's budget are scored over several
             # Cached prefix tokens produce no prompt log-probs; every token must be computed.
             enable_prefix_caching=False,
             trust_remote_code=trust_remote_code,
@@ -174,6 +177,7 @@ def engine_actor(cfg: Config, model: str, max_length: int, backend: str) -> dict
             tensor_parallel_size=ref.tensor_parallel_size,
             gpu_memory_utilization=ref.gpu_memory_utilization,
             max_model_len=max_length + 1,  # + the one token vLLM must generate after a scored sequence
+            max_num_batched_tokens=ref.max_num_batched_tokens,
             trust_remote_code=cfg.model.trust_remote_code,
             seed=cfg.run.seed,
         )

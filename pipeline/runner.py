@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 
 from pipeline import storage
 from pipeline.config import Config, fingerprint_view
-from pipeline.fingerprint import ModelNotFound, digest, model_identity, source_identity
+from pipeline.fingerprint import ModelNotFound, digest, hub_revisions, model_identity, source_identity
 
 MANIFEST = "_manifest.json"
 STARTED = "_started.json"
@@ -116,7 +116,8 @@ def fingerprint_parts(cfg: Config) -> dict[str, dict[str, str]]:
             try:
                 content[key] = digest(CONTENT[key](cfg))
             except ModelNotFound as e:
-                raise PlanError(f"model.name_or_path: {e}") from None
+                where = {"sources": "data.sources", "eval_sources": "eval.sources", "tokenizer": "model.tokenizer"}
+                raise PlanError(f"{where.get(key, 'model.name_or_path')}: {e}") from None
         return content[key]
 
     parts: dict[str, dict[str, str]] = {}
@@ -311,6 +312,7 @@ def _run_steps(cfg: Config, steps: list[tuple[Stage, str]], expected_parts: dict
             "fingerprint_parts": expected_parts[stage.name],
             "inputs": inputs,
             "config": {s: fingerprint_view(getattr(cfg, s)) for s in stage.sections},
+            "hub_revisions": hub_revisions(cfg, stage.reads),
             "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
             "finished_at": datetime.now(timezone.utc).isoformat(),
             "seconds": round(time.time() - started, 2),

@@ -12,6 +12,11 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(uri)
 
 
+def is_remote(uri: str) -> bool:
+    """An object-store URI (s3://, gs://...), not a local path."""
+    return "://" in uri
+
+
 def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *parts])
 
@@ -100,7 +105,7 @@ def local_dir(uri: str) -> str:
     folder (a policy saved to an object store, for engines that read local files)."""
     import tempfile
 
-    if "://" not in uri:
+    if not is_remote(uri):
         return uri  # a local folder, or a hub name the model libraries resolve themselves
     fs, path = resolve(uri)
     local = tempfile.mkdtemp(prefix="dpop-model-")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pipeline import storage
 from pipeline.config import Config, config_warnings, training_dtype
 from pipeline.pairs import LOW_EDIT_DISTANCE
+from pipeline.tracking import Trackers, run_params
 
 TRAIN_COLUMNS = ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logp", "ref_rejected_logp"]
 # Per-pair statistics summed on every worker, all-reduced, then divided by the pair count.
@@ -262,17 +263,30 @@ class Worker:
     """The dtype the model was saved in; the final policy is written back in it."""
     layout: str
     """train.layout where the model's attention supports it, else `padded` (pipeline.logprobs.layout_for)."""
+    parameters: dict
+    """{"trainable": ..., "total": ...}: with LoRA, trainable counts the adapters only."""
     early_stopping: EarlyStopping | None = None
 
 
+def add_adapters(model, lora):
+    """`model` with peft LoRA adapters (`train.lora`) on its target layers; only the adapters require grad. The
+    base model's weights are untouched, so the policy starts equal to the reference (each B is zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
+    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                            target_modules=targets, bias="none", task_type="CAUSAL_LM"))
+
+
 def load_policy(path: str, trust_remote_code: bool, mesh, device, mixed_precision: bool,
-                activation_checkpointing: bool):
+                activation_checkpointing: bool, lora=None):
     """The policy, sharded, without any rank but 0 ever holding all of it (as torchtitan and torchtune load).
 
     Every rank builds the model on the meta device (no memory), shards it (`parallelize`) and allocates only its
     shard; rank 0 reads the weights and `set_model_state_dict` broadcasts them, each rank keeping its part.
     Non-persistent buffers (rotary frequencies) are in no state dict: rank 0's, computed at load, are broadcast.
-    Weights load in fp32; bf16 compute comes from FSDP2's mixed-precision policy. Dropout is off.
+    Weights load in fp32; bf16 compute comes from FSDP2's mixed-precision policy. Dropout is off. With `lora`,
+    adapters are added on every rank before sharding, and rank 0's freshly initialised ones are broadcast too.
     """
     import torch
     import torch.distributed as dist
@@ -283,12 +297,16 @@ def load_policy(path: str, trust_remote_code: bool, mesh, device, mixed_precisio
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    persistent = set(model.state_dict())
     disable_dropout(model)
+    if lora:
+        model = add_adapters(model, lora)
+    persistent = set(model.state_dict())
     parallelize(model, mesh, mixed_precision=mixed_precision, activation_checkpointing=activation_checkpointing)
     model.to_empty(device=device)
     full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code) \
         if rank == 0 else None
+    if full is not None and lora:
+        full = add_adapters(full, lora)
     set_model_state_dict(model, full.state_dict() if full else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     loaded_buffers = dict(full.named_buffers()) if full else {}
@@ -317,19 +335,25 @@ def setup(cfg: Config) -> Worker:
     torch.manual_seed(cfg.run.seed)
     model, saved_dtype = load_policy(cfg.model.name_or_path, remote_code, init_device_mesh(device.type, (world,)),
                                      device, mixed_precision=training_dtype(cfg) == "bfloat16",
-                                     activation_checkpointing=t.activation_checkpointing)
+                                     activation_checkpointing=t.activation_checkpointing, lora=t.lora)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.name_or_path,
                                               trust_remote_code=remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+    # With LoRA only the adapters require grad: only they get gradients and AdamW state.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, t.warmup_steps, t.max_steps, t.lr_schedule))
     early_stopping = EarlyStopping(t.early_stopping) if t.early_stopping else None
     layout = layout_for(model, t.layout)
     if rank == 0 and layout != t.layout:
         say(f"train.layout {t.layout} needs sdpa attention; {model.config._attn_implementation} uses {layout}")
+    parameters = {"trainable": sum(p.numel() for p in trainable), "total": sum(p.numel() for p in model.parameters())}
+    if rank == 0:
+        say(f"{parameters['trainable']:,} of {parameters['total']:,} parameters train"
+            + (f" (LoRA r={t.lora.r} on {', '.join(t.lora.target_modules)})" if t.lora else ""))
     return Worker(cfg, model, optimizer, scheduler, tokenizer, pad_id, device, rank, world, saved_dtype, layout,
-                  early_stopping)
+                  parameters, early_stopping)
 
 
 TRAINER_STATE = "trainer_state.json"
@@ -456,7 +480,6 @@ def evaluate(worker: Worker, eval_batches: list[dict]) -> dict:
     """The same statistics on this worker's share of the eval split, all-reduced, prefixed `eval/`."""
     import torch
 
-    t = worker.cfg.train
     worker.model.eval()
     total = None
     with torch.no_grad():
@@ -468,17 +491,44 @@ def evaluate(worker: Worker, eval_batches: list[dict]) -> dict:
 
 
 def save_policy(worker: Worker, out: str) -> None:
-    """Gather the sharded weights (a collective: every worker takes part); rank 0 writes the HF model."""
+    """Gather the sharded weights (a collective: every worker takes part); rank 0 writes the HF model as model/.
+    With LoRA: the adapters as adapter/ (peft format), and with train.lora.merge the merged model as model/."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full_state = get_model_state_dict(worker.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if worker.rank == 0:
-        full_state = {k: v.to(worker.saved_dtype) for k, v in full_state.items()}
+    if worker.rank != 0:
+        return
+    lora = worker.cfg.train.lora
+    if lora:
         with tempfile.TemporaryDirectory() as folder:
-            worker.model.save_pretrained(folder, state_dict=full_state)
-            worker.tokenizer.save_pretrained(folder)
-            storage.upload_dir(folder, storage.join(out, "model"))
-        say(f"saved the policy to {storage.join(out, 'model')}")
+            worker.model.save_pretrained(folder, state_dict=full_state)  # peft keeps the adapters' entries only
+            storage.upload_dir(folder, storage.join(out, "adapter"))
+        say(f"saved the adapters to {storage.join(out, 'adapter')}")
+        if not lora.merge:
+            return
+        policy = merged_policy(worker.cfg, full_state)
+        full_state = policy.state_dict()
+    else:
+        policy = worker.model
+    full_state = {k: v.to(worker.saved_dtype) for k, v in full_state.items()}
+    with tempfile.TemporaryDirectory() as folder:
+        policy.save_pretrained(folder, state_dict=full_state)
+        worker.tokenizer.save_pretrained(folder)
+        storage.upload_dir(folder, storage.join(out, "model"))
+    say(f"saved the policy to {storage.join(out, 'model')}")
+
+
+def merged_policy(cfg: Config, adapted_state: dict):
+    """The base model with the trained adapters folded into its weights (W + alpha / r * B @ A), on the CPU: a
+    plain transformers model that `from_pretrained` and vLLM load without peft."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=torch.float32,
+                                                trust_remote_code=cfg.model.trust_remote_code)
+    adapted = add_adapters(base, cfg.train.lora)
+    adapted.load_state_dict(adapted_state)
+    return adapted.merge_and_unload()
 
 
 def train_loop(loop_config: dict) -> None:
@@ -496,6 +546,9 @@ def train_loop(loop_config: dict) -> None:
     worker = setup(cfg)
     start_step = restore_checkpoint(worker)
     metrics_log = MetricsLog(storage.join(out, "metrics.jsonl"), start_step) if worker.rank == 0 else None
+    tracking = loop_config["tracking"]
+    trackers = Trackers(cfg, out, tracking["name"], tracking["params"]) \
+        if worker.rank == 0 and cfg.run.trackers else None
     # The workers' placement group, reported so that a sweep can free it if Tune ends this run early.
     placement_group = ray.util.get_current_placement_group()
     reported = {"placement_group": placement_group.id.hex()} if placement_group else {}
@@ -516,6 +569,8 @@ def train_loop(loop_config: dict) -> None:
         first, last = step == start_step + 1, step == t.max_steps
         if first and start_step:
             metrics["resumed_from_step"] = start_step
+        if first:
+            metrics.update({f"parameters/{k}": v for k, v in worker.parameters.items()})
         if eval_batches and (last or (t.eval_every and step % t.eval_every == 0)):
             metrics.update(evaluate(worker, eval_batches))
             if worker.early_stopping and keep_if_best(worker, metrics, step, out):
@@ -523,6 +578,8 @@ def train_loop(loop_config: dict) -> None:
         logged = first or last or step % t.log_every == 0 or "eval/loss" in metrics
         if worker.rank == 0 and logged:
             metrics_log.write(metrics)
+            if trackers:
+                trackers.log(metrics)
             shown = " ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "rewards/accuracies", "rewards/margins",
                                                                 "logps/chosen", "dpop/penalty_active"))
             evaluated = f" | eval/loss {metrics['eval/loss']:.4g}" if "eval/loss" in metrics else ""
@@ -538,6 +595,8 @@ def train_loop(loop_config: dict) -> None:
             break
     if not worker.early_stopping or worker.early_stopping.best_step is None:
         save_policy(worker, out)  # with early stopping, model/ was written at the best evaluation
+    if trackers:
+        trackers.close()
 
 
 def keep_if_best(worker: Worker, metrics: dict, step: int, out: str) -> bool:
@@ -615,19 +674,20 @@ def load_pairs(reference: str, t) -> tuple[dict, dict]:
     return pairs, info
 
 
-def make_trainer(cfg: Config, out: str, run_name: str, pairs: dict, callbacks: list = (),
+def make_trainer(cfg: Config, out: str, run_name: str, pairs: dict, tracking: dict, callbacks: list = (),
                  report_metric: str | None = None):
     """The TorchTrainer of one training run writing to `out`; the train stage and every tune trial use it.
-    `pairs` are load_pairs' object refs; `report_metric` is the metric a sweep ranks by (rows with it are reported
-    to Ray Train, and so to Tune). Rerunning with the same `out` and `run_name` resumes from that run's newest
-    checkpoint."""
+    `pairs` are load_pairs' object refs; `tracking` names the run for run.trackers ({"name", "params"});
+    `report_metric` is the metric a sweep ranks by (rows with it are reported to Ray Train, and so to Tune).
+    Rerunning with the same `out` and `run_name` resumes from that run's newest checkpoint."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     t = cfg.train
     return TorchTrainer(
         train_loop,
-        train_loop_config={"config": cfg, "out": out, "pairs": pairs, "report_metric": report_metric},
+        train_loop_config={"config": cfg, "out": out, "pairs": pairs, "report_metric": report_metric,
+                           "tracking": tracking},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=run_name, storage_path=out, callbacks=list(callbacks),
@@ -662,7 +722,8 @@ def train_policy(cfg: Config, stage) -> dict:
     print(f"[dpop] train: {info['train_rows']} train / {info['eval_rows']} eval pairs, {t.max_steps} steps of "
           f"{t.batch_size} pairs on {t.num_workers} worker(s), beta={t.beta} lambda={t.dpop_lambda}", flush=True)
     # The fingerprint in the run name: a rerun of the same config resumes its checkpoints, another starts anew.
-    result = make_trainer(cfg, stage.out, f"ray-{stage.fingerprint}", pairs).fit()
+    tracking = {"name": f"{cfg.run.name}/train", "params": run_params(cfg, stage.manifests["reference"]["fingerprint"])}
+    result = make_trainer(cfg, stage.out, f"ray-{stage.fingerprint}", pairs, tracking).fit()
     if result.error:
         raise result.error
 
@@ -690,8 +751,11 @@ def train_policy(cfg: Config, stage) -> dict:
         "eval_rows": eval_rows,
         **eval_accounting(train_rows, eval_rows, t.num_workers),
         "steps": final["step"],
-        "final_metrics": {k: v for k, v in final.items() if k not in ("step", "resumed_from_step", "time")},
-        "model": storage.join(stage.out, "model"),
+        "final_metrics": {k: v for k, v in final.items()
+                          if k not in ("step", "resumed_from_step", "time") and not k.startswith("parameters/")},
+        "parameters": {k.split("/")[1]: v for k, v in rows[0].items() if k.startswith("parameters/")},
+        "model": storage.join(stage.out, "model") if not t.lora or t.lora.merge else None,
+        "adapter": storage.join(stage.out, "adapter") if t.lora else None,
         "model_step": early["early_stopping"]["model_step"] if early else final["step"],
         **early,
         "curves": storage.join(stage.out, "curves.png"),

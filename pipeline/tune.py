@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.config import Config, config_from_dict
+from pipeline.tracking import run_params
 from pipeline.train import load_pairs, make_trainer, read_metrics
 
 TRIAL_DRIVER_CPUS = 0.1  # a trial's own process only waits on its TorchTrainer; its workers hold the real CPUs
@@ -42,7 +43,8 @@ def run_trial(params: dict, pairs: dict) -> None:
     cfg.train.beta, cfg.train.dpop_lambda = params["beta"], params["dpop_lambda"]
     folder = trial_folder(cfg.train.beta, cfg.train.dpop_lambda, tune.get_context().get_trial_id())
     out = storage.join(params["out"], "trials", folder)
-    result = make_trainer(cfg, out, "ray-train", pairs, callbacks=[TuneReportCallback()],
+    tracking = {"name": f"{cfg.run.name}/{folder}", "params": run_params(cfg, params["reference_fingerprint"])}
+    result = make_trainer(cfg, out, "ray-train", pairs, tracking, callbacks=[TuneReportCallback()],
                           report_metric=cfg.tune.metric).fit()
     if result.error:
         raise result.error
@@ -228,7 +230,8 @@ def sweep(cfg: Config, stage) -> dict:
     tc = cfg.tune
     # Early evaluation rows carry the metric, the steps between them do not; ASHA passes over those.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    param_space = {"config": cfg.to_dict(), "out": stage.out}
+    param_space = {"config": cfg.to_dict(), "out": stage.out,
+                   "reference_fingerprint": stage.manifests["reference"]["fingerprint"]}
     search_alg = _search(tc, param_space)
     scheduler = None
     if tc.scheduler == "asha":

@@ -92,6 +92,15 @@ def test_exponent_floats_without_a_dot_are_floats(tmp_path, base):
     (lambda r: r.update(eval={"sources": [{"path": r["data"]["sources"][0]["path"], "task": "gsm8k", "name": "a"},
                                           {"path": r["data"]["sources"][0]["path"], "task": "gsm8k", "name": "a"}]}),
      "eval.sources: task name(s) a used twice"),
+    (lambda r: r["train"].update(lora={"r": 0}), "train.lora.r: must be > 0, got 0"),
+    (lambda r: r["train"].update(lora={"rank": 8}), "unknown key train.lora.rank"),
+    (lambda r: r["train"].update(lora={"target_modules": ["all-linear", "q_proj"]}),
+     "train.lora.target_modules: module names, or [all-linear] alone"),
+    (lambda r: (r["train"].update(lora={"merge": False}), r.update(eval={})),
+     "train.lora.merge: false saves the adapters only, and eval scores Hugging Face models"),
+    (lambda r: r["run"].update(trackers=["comet"]), "run.trackers[0]: 'comet' is not one of 'mlflow', 'tensorboard'"),
+    (lambda r: r["run"].update(trackers=["mlflow"], storage="s3://bucket/runs"),
+     "run.mlflow_tracking_uri: needed with mlflow when run.storage is an object store"),
     (lambda r: r.update(eval={"select_by": "pairs/acc"}),
      "eval.select_by: ranks the trials' eval results, but eval.policies does not list tune"),
     (lambda r: r.update(tune={}, eval={"policies": ["tune"], "select_by": "gsm8k/exact_match"}),
@@ -167,3 +176,12 @@ def test_precision_warnings(tmp_path, base):
     assert "reference.dtype: float16 differs from the training precision bfloat16" in mismatch
     (mismatch,) = config_warnings(load(tmp_path, base, ["train.use_gpu=false"]))
     assert "bfloat16 differs from the training precision float32" in mismatch and "penalty" in mismatch
+
+
+def test_a_tracker_without_its_package_is_a_config_error(tmp_path, base):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(ConfigError, match=r"run.trackers: wandb needs the wandb package: pip install wandb"):
+        load(tmp_path, base, ["run.trackers=[mlflow, wandb]"])

@@ -19,6 +19,8 @@ def sweep_config(tmp_path_factory, tiny_model, ray_cluster):
             "max_concurrent_trials": 2}
     with open(config) as f:
         raw = yaml.safe_load(f)
+    # transformers for the reference pass: vLLM's (its engine's start) is covered by test_reference and the demo.
+    raw["reference"]["backend"] = "hf"
     write_config(config, {**raw, "tune": tune})
     assert main(["run", config, "--stages", "pairs,reference"]) == 0
     return config, tmp / "runs" / "sweep"
