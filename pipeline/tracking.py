@@ -61,11 +61,12 @@ class Trackers:
 
             if state.get("mlflow_run_id"):  # a resumed run: the same MLflow run (mlflow.start_run reads this)
                 os.environ["MLFLOW_RUN_ID"] = state["mlflow_run_id"]
-            self.mlflow = setup_mlflow(config=params, tracking_uri=mlflow_uri(cfg),
+            uri = mlflow_uri(cfg)
+            self.mlflow = setup_mlflow(config=params, tracking_uri=uri,
                                        experiment_name=cfg.run.mlflow_experiment or cfg.run.name, run_name=name,
                                        create_experiment_if_not_exists=True, tags={"dpop.run": cfg.run.name})
             os.environ.pop("MLFLOW_RUN_ID", None)
-            state.update(mlflow_run_id=self.mlflow.active_run().info.run_id, mlflow_tracking_uri=mlflow_uri(cfg))
+            state.update(mlflow_run_id=self.mlflow.active_run().info.run_id, mlflow_tracking_uri=uri)
         if "wandb" in cfg.run.trackers:
             from ray.air.integrations.wandb import setup_wandb
 
@@ -111,19 +112,17 @@ def attach_eval(cfg: Config, report_uri: str) -> None:
     if not cfg.run.trackers or not manifest or manifest.get("status") == "failed":
         return
     results = json.loads(storage.read_text(manifest["results"]))
+    # report.md and its figures as local files (storage.local_dir copies an object-store folder, or is the folder).
+    figures = storage.local_dir(storage.join(run_uri, "report"))
     with tempfile.TemporaryDirectory() as folder:
-        files = [os.path.join(folder, "report.md")]
-        with open(files[0], "w") as f:
+        report = os.path.join(folder, "report.md")
+        with open(report, "w") as f:
             f.write(storage.read_text(report_uri))
-        for uri, _ in storage.list_files(storage.join(run_uri, "report")):
-            files.append(os.path.join(folder, uri.rsplit("/", 1)[-1]))
-            with open(files[-1], "wb") as f:
-                fs, path = storage.resolve(uri)
-                with fs.open_input_stream(path) as source:
-                    f.write(source.read())
+        files = [report] + ([os.path.join(figures, name) for name in sorted(os.listdir(figures))]
+                            if os.path.isdir(figures) else [])
         for model in manifest["models"]:
             if model["name"] != "reference":
-                _attach(storage.join(model["path"].rstrip("/").rsplit("/", 1)[0]), manifest["run_id"],
+                _attach(model["path"].rstrip("/").rsplit("/", 1)[0], manifest["run_id"],
                         [r for r in results if r["model"] == model["name"]], files)
 
 
