@@ -20,11 +20,29 @@ from datetime import datetime
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 TRL_PYTHON = os.path.join(REPO, ".venv-trl", "bin", "python")
+TRL_BATCH = 4  # pairs per precompute batch (TRL's per_device_train_batch_size)
 
 
 def stage_seconds(manifest: dict) -> float:
     started, finished = (datetime.fromisoformat(manifest[k]) for k in ("started_at", "finished_at"))
     return (finished - started).total_seconds()
+
+
+def positions_computed(pairs: list[dict], trl_batch: int, micro_batch: int) -> dict:
+    """Token positions each side runs through the model's layers, where a pass's time goes (the layers' cost is per
+    position at these lengths): TRL's collator pads the prompt+chosen and prompt+rejected rows of a batch (file
+    order) to the longest; our `hf` engine packs prompt, chosen and rejected into one row (the prompt computed
+    once), groups of `micro_batch` pairs sorted by length, padded to the longest. Their ratio bounds what layout
+    alone can gain."""
+    trl = 0
+    for start in range(0, len(pairs), trl_batch):
+        batch = pairs[start:start + trl_batch]
+        rows = [len(r["prompt_ids"]) + len(r[key]) for key in ("chosen_ids", "rejected_ids") for r in batch]
+        trl += len(rows) * max(rows)
+    packed = sorted(len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in pairs)
+    ours = sum(len(packed[i:i + micro_batch]) * max(packed[i:i + micro_batch]) for i in range(0, len(packed),
+                                                                                          micro_batch))
+    return {"trl": trl, "ours_hf": ours, "trl_over_ours": round(trl / ours, 3), "without_padding": sum(packed)}
 
 
 def main() -> None:
@@ -68,7 +86,7 @@ def main() -> None:
             for r in pairs:
                 f.write(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n")
         out = subprocess.run([TRL_PYTHON, os.path.join(HERE, "bench_trl_dpo.py"), "--model", cfg.model.name_or_path,
-                              "--pairs", pairs_file, "--steps", "1", "--batch", "4", "--precompute",
+                              "--pairs", pairs_file, "--steps", "1", "--batch", str(TRL_BATCH), "--precompute",
                               "--threads", str(args.cpus_per_actor)],
                              capture_output=True, text=True, check=True)
     trl = json.loads(out.stdout.strip().splitlines()[-1])
@@ -78,6 +96,7 @@ def main() -> None:
         row["tokens_per_second"] = round(row["tokens_per_second"], 1)
         row["against_trl"] = round(row["tokens_per_second"] / rows[-1]["tokens_per_second"], 2)
     figures = {"config": args.config, "model": cfg.model.name_or_path, "pairs": len(pairs), "pair_tokens": tokens,
+               "positions_computed": positions_computed(pairs, TRL_BATCH, cfg.reference.micro_batch_size),
                "dtype": cfg.reference.dtype, "threads": args.cpus_per_actor, "runs": rows}
     name = os.path.basename(cfg.model.name_or_path.rstrip("/"))
     path = os.path.join(HERE, "benchmarks", f"reference_{name}.json")
@@ -86,6 +105,9 @@ def main() -> None:
     print(f"{'side':40} {'seconds':>8} {'tokens/s':>9} {'x TRL':>6}")
     for r in rows:
         print(f"{r['side']:40} {r['seconds']:>8} {r['tokens_per_second']:>9} {r['against_trl']:>6}")
+    computed = figures["positions_computed"]
+    print(f"positions through the layers: TRL {computed['trl']}, ours {computed['ours_hf']} "
+          f"({computed['trl_over_ours']}x fewer)")
     print(f"{len(pairs)} pairs, {tokens} pair tokens; wrote {path}")
 
 

@@ -8,7 +8,8 @@
    end-of-sequence token already).
 3. Runs, one after the other on this machine:
    - ours, `train.layout: packed` (the default) and `padded`: `dpop run --stages train` with 2 FSDP2 workers of
-     1 CPU each, λ = 0 (plain DPO, TRL's sigmoid loss), no checkpoints;
+     1 CPU each, λ = 0 (plain DPO, TRL's sigmoid loss), no checkpoints; and packed on 1 worker of 2 threads, TRL's
+     own arrangement, which shows what the two workers' weight all-gathers and gradient reduce-scatters cost;
    - TRL with its live reference model, and with `precompute_ref_log_probs`, one process with 2 threads.
    Both sides get the machine's 2 cores.
 4. Fairness: TRL's precomputed reference log-probs of the exported pairs against our reference stage's, and both
@@ -40,18 +41,20 @@ def dpop(config: str, *args: str) -> float:
     return time.time() - started
 
 
-def ours(config: str, cfg, steps: int, batch: int, layout: str) -> dict:
+def ours(config: str, cfg, steps: int, batch: int, layout: str, workers: int = 2) -> dict:
     from pipeline.train import read_metrics
 
     settings = {"train.max_steps": steps, "train.batch_size": batch, "train.micro_batch_size": batch // 2,
-                "train.num_workers": 2, "train.cpus_per_worker": 1, "train.log_every": 1, "train.eval_every": 0,
+                "train.num_workers": workers, "train.cpus_per_worker": 2 // workers, "train.log_every": 1,
+                "train.eval_every": 0,
                 "train.checkpoint_every": 0, "train.dpop_lambda": 0.0, "train.beta": 0.1,
                 "train.learning_rate": 1e-6, "train.warmup_steps": 0, "train.lr_schedule": "constant",
                 "train.layout": layout}
     overrides = [a for key, value in settings.items() for a in ("--set", f"{key}={value}")]
     wall = dpop(config, "--stages", "train", "--force", "train", *overrides)
     rows = read_metrics(f"{cfg.run.storage}/{cfg.run.name}/train")
-    return {"side": f"ours ({layout})", "step_seconds": [r["seconds_per_step"] for r in rows],
+    side = f"ours ({layout})" if workers == 2 else f"ours ({layout}, 1 worker of 2 threads)"
+    return {"side": side, "step_seconds": [r["seconds_per_step"] for r in rows],
             "wall_seconds": wall, "peak_rss_mb": max(r["peak_memory_mb"] for r in rows),
             "first_loss": rows[0]["loss"]}
 
@@ -97,10 +100,11 @@ def main() -> None:
                 f.write(json.dumps({k: r[k] for k in ("pair_id", "prompt", "chosen", "rejected")}) + "\n")
         runs = [ours(args.config, cfg, args.steps, args.batch, "packed"),
                 ours(args.config, cfg, args.steps, args.batch, "padded"),
+                ours(args.config, cfg, args.steps, args.batch, "packed", workers=1),
                 trl(cfg.model.name_or_path, pairs_file, args.steps, args.batch, precompute=False),
                 trl(cfg.model.name_or_path, pairs_file, args.steps, args.batch, precompute=True)]
 
-    precomputed = runs[3]
+    precomputed = runs[4]
     gaps = [abs(a - r["ref_chosen_logp"]) for a, r in zip(precomputed.pop("ref_chosen_logps"), exported)] + \
            [abs(a - r["ref_rejected_logp"]) for a, r in zip(precomputed.pop("ref_rejected_logps"), exported)]
     table = []

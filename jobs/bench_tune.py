@@ -14,6 +14,7 @@ pairs as a file it only has to read). Then, one after the other on this machine,
 fp32 on both sides. Writes jobs/benchmarks/tune.json.
 """
 import argparse
+import glob
 import json
 import os
 import subprocess
@@ -39,6 +40,7 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     from pipeline.config import load_config
+    from pipeline.train import phase_seconds
 
     settings = {"data.sources.0.limit": args.pairs, "train.max_steps": args.steps, "train.batch_size": args.batch,
                 "train.micro_batch_size": args.batch // 2, "train.num_workers": 2, "train.cpus_per_worker": 1,
@@ -56,6 +58,12 @@ def main() -> None:
     run = f"{cfg.run.storage}/{cfg.run.name}"
     tune = json.load(open(f"{run}/tune/_manifest.json"))
     reference = json.load(open(f"{run}/reference/_manifest.json"))
+
+    # Where each trial's time went (rank 0's timings.json): all but `steps` is a fixed cost of the trial.
+    trial_phases = {os.path.basename(folder): phase_seconds(folder)
+                    for folder in sorted(glob.glob(f"{run}/tune/trials/*"))}
+    for name, phases in trial_phases.items():
+        print(f"[bench] {name}: {phases}", flush=True)
 
     pairs = [r for r in pq.read_table(f"{run}/pairs").to_pylist() if r["split"] == "train"]
     trl_runs = []
@@ -82,7 +90,7 @@ def main() -> None:
         "config": args.config, "model": cfg.model.name_or_path, "train_pairs": len(pairs), "steps": args.steps,
         "batch": args.batch, "precision": "float32", "cpus": os.cpu_count(),
         "ours": {"wall_seconds": round(ours_seconds, 1), "reference_pairs": reference["rows_out"],
-                 "sweep_seconds": tune["sweep_seconds"], "trials": tune["trials"]},
+                 "sweep_seconds": tune["sweep_seconds"], "trials": tune["trials"], "trial_phases": trial_phases},
         "trl_4_runs": {"wall_seconds": round(trl_seconds, 1), "runs": trl_runs},
         "ours_over_trl": round(ours_seconds / trl_seconds, 2),
     }

@@ -149,6 +149,10 @@ class ReferenceSection:
     pass than vLLM's generation-sized default (2048 on CPU); the cost is the step's prompt log-probs, a (tokens x
     vocabulary) fp32 buffer: 1.6 GB at 8192 tokens for a 49k vocabulary. Longer sequences are split across steps
     (chunked prefill), so it need not exceed `data.max_length`."""
+    enforce_eager: bool = execution_only(False)
+    """vLLM: run the model eagerly, without torch.compile (and CUDA graphs on GPUs). Compiling costs 9-16 s per
+    engine start on the demo's 2-layer model on CPU (measured: 19.6-27.5 s to start against 11.0-11.2 s eager)
+    and gives the same log-probs; turn it on where scoring takes less time than that (small runs, tiny models)."""
 
 
 @dataclass

@@ -23,6 +23,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+import psutil
+
 from pipeline import storage
 from pipeline.config import Config, config_warnings, training_dtype
 from pipeline.pairs import LOW_EDIT_DISTANCE
@@ -543,6 +545,9 @@ def train_loop(loop_config: dict) -> None:
     logging.getLogger().setLevel(logging.WARNING)
     cfg, out = loop_config["config"], loop_config["out"]
     t = cfg.train
+    # Where the run's time goes, as Unix times, for timings.json: this process's start (Ray Train starting the
+    # worker), then each phase's end. All but the steps are fixed costs that a longer run does not repeat.
+    marks = {"process_started": psutil.Process().create_time(), "loop_entered": time.time()}
     worker = setup(cfg)
     start_step = restore_checkpoint(worker)
     metrics_log = MetricsLog(storage.join(out, "metrics.jsonl"), start_step) if worker.rank == 0 else None
@@ -560,9 +565,10 @@ def train_loop(loop_config: dict) -> None:
             worker.rank, worker.world, t.micro_batch_size)
 
     worker.model.train()
-    step_started = time.time()
+    step_started = marks["setup_done"] = time.time()
     for step in range(start_step + 1, t.max_steps + 1):
         metrics = train_step(worker, pairs, step)
+        marks.setdefault("first_step_done", time.time())
         metrics["seconds_per_step"] = round(time.time() - step_started, 3)
         metrics["time"] = round(time.time(), 3)
         step_started = time.time()
@@ -593,10 +599,14 @@ def train_loop(loop_config: dict) -> None:
             ray.train.report({**metrics, **reported})
         if last:
             break
+    marks["steps_done"] = time.time()
     if not worker.early_stopping or worker.early_stopping.best_step is None:
         save_policy(worker, out)  # with early stopping, model/ was written at the best evaluation
+    marks["policy_saved"] = time.time()
     if trackers:
         trackers.close()
+    if worker.rank == 0:
+        storage.write_json(storage.join(out, "timings.json"), {k: round(v, 3) for k, v in marks.items()})
 
 
 def keep_if_best(worker: Worker, metrics: dict, step: int, out: str) -> bool:
@@ -697,6 +707,21 @@ def make_trainer(cfg: Config, out: str, run_name: str, pairs: dict, tracking: di
     )
 
 
+# A run's phases in timings.json (rank 0's Unix times): (name, from mark, to mark). All but `steps` are fixed costs.
+PHASES = (("worker_start", "process_started", "loop_entered"), ("setup", "loop_entered", "setup_done"),
+          ("first_step", "setup_done", "first_step_done"), ("steps", "first_step_done", "steps_done"),
+          ("save", "steps_done", "policy_saved"))
+
+
+def phase_seconds(out: str) -> dict | None:
+    """Seconds per phase of the run in `out` (worker start: the process's start to the train loop, its imports
+    included; setup: model load, shard and broadcast, optimizer, checkpoint restore, pairs), from timings.json."""
+    marks = storage.read_json(storage.join(out, "timings.json"))
+    if not marks:
+        return None
+    return {name: round(marks[b] - marks[a], 2) for name, a, b in PHASES if a in marks and b in marks}
+
+
 def read_metrics(out: str) -> list[dict]:
     text = storage.read_text(storage.join(out, "metrics.jsonl")) or ""
     return [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -759,4 +784,5 @@ def train_policy(cfg: Config, stage) -> dict:
         "model_step": early["early_stopping"]["model_step"] if early else final["step"],
         **early,
         "curves": storage.join(stage.out, "curves.png"),
+        "timings": phase_seconds(stage.out),
     }

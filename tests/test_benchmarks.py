@@ -17,3 +17,22 @@ def test_gpu_benchmark_runs_every_variant_on_cpu(tmp_path):
     assert [v["variant"] for v in figures["variants"]] == ["full_logits", "padded", "packed"]
     assert all(v["seconds_per_step"] > 0 and v["pair_tokens_per_second_per_gpu"] > 0 for v in figures["variants"])
     assert "packed" in run.stdout
+
+
+def test_demo_benchmark_gives_each_second_to_one_category():
+    """jobs/bench_demo.py's split of a stage's wall time, against a hand count: overlapping phases (two trials at
+    once) count once, as the most work-like phase active, and the categories add up to the window."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_demo", REPO / "jobs" / "bench_demo.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    intervals = [(1, 4, "process start"), (2, 6, "model load"),  # trial A: start 1-4, load 2-6
+                 (5, 7, "work"), (3, 5.5, "work"),                # trial B's steps overlap A's load
+                 (8, 12, "save"), (11, 20, "first batch")]        # the last runs past the window
+    seconds = bench.partition((0, 15), intervals)
+    # Hand count, instant by instant: 0-1 other, 1-2 process start, 2-3 model load (beats process start),
+    # 3-7 work, 7-8 other, 8-11 save, 11-15 first batch (beats save).
+    assert seconds == {"work": 4.0, "first batch": 4.0, "model load": 1.0, "process start": 1.0, "save": 3.0,
+                       "other": 2.0}
+    assert sum(seconds.values()) == 15
