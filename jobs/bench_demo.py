@@ -12,11 +12,16 @@ and runs `jobs/dpo_vs_dpop.yaml`'s stages pairs, reference, tune, eval on a new 
   (install aside), timed from outside; the stage times from its manifests.
 
 Every second of a stage's wall time is given to one category, the most work-like one active at that moment:
-work (a Ray Data task, an engine's batches after its first, a trial's steps after its first) > first batch >
-model load (an engine actor's constructor: imports, weights, warm-up; a train worker's setup: model load and
-broadcast, data) > process start (from the raylet launching the process to its constructor or train loop) >
-save (a trial writing its policy) > other (the driver: planning, Ray Data's scheduling, writes, plots). Everything
-but work is a fixed cost: a run with more data or steps does not pay it again. Writes jobs/benchmarks/demo.json.
+- work: a Ray Data task; an engine's calls after its first (an engine's only call is work); a trial's steps
+  after its first;
+- first batch;
+- model load: an engine actor's constructor (imports, weights, warm-up); a train worker's setup (model load and
+  broadcast, data);
+- process start: from the raylet launching the process to its constructor or train loop;
+- save: a trial writing its policy;
+- other: the driver (planning, Ray Data's scheduling, writes, plots).
+Everything but work is a fixed cost: a run with more data or steps does not pay it again. Writes
+jobs/benchmarks/demo.json.
 """
 import argparse
 import glob
@@ -58,7 +63,8 @@ def partition(window: tuple[float, float], intervals: list[tuple[float, float, s
 
 def actor_intervals(events: list[dict], workers: dict[str, dict], actor: str) -> list[tuple[float, float, str]]:
     """An engine actor's phases from Ray's timeline: process start (the raylet launching its worker process to
-    the constructor), model load (the constructor), first batch, then work."""
+    the constructor), model load (the constructor), first batch, then work. A call is one block of rows
+    (`submit`), several batches of it."""
     spans: dict[str, list[tuple[float, float, str]]] = {}
     for event in events:
         if event.get("ph") == "X" and event.get("cat", "").startswith(f"task::MapWorker(MapBatches({actor}))."):
@@ -75,7 +81,9 @@ def actor_intervals(events: list[dict], workers: dict[str, dict], actor: str) ->
             intervals.append((launched / 1e3, init[0], "process start"))
         batches = [c for c in calls if c[2] == "submit"]
         intervals += [(a, b, "model load") for a, b, m in calls if m == "__init__"]
-        intervals += [(a, b, "first batch" if i == 0 else "work") for i, (a, b, _) in enumerate(batches)]
+        # The first call warms up (compiles, allocates) only where others follow; an actor's only call is its work.
+        intervals += [(a, b, "first batch" if i == 0 and len(batches) > 1 else "work")
+                      for i, (a, b, _) in enumerate(batches)]
     return intervals
 
 

@@ -44,7 +44,7 @@ def dpop(config: str, *args: str) -> float:
 def ours(config: str, cfg, steps: int, batch: int, layout: str, workers: int = 2) -> dict:
     from pipeline.train import read_metrics
 
-    settings = {"train.max_steps": steps, "train.batch_size": batch, "train.micro_batch_size": batch // 2,
+    settings = {"train.max_steps": steps, "train.batch_size": batch, "train.micro_batch_size": batch // workers,
                 "train.num_workers": workers, "train.cpus_per_worker": 2 // workers, "train.log_every": 1,
                 "train.eval_every": 0,
                 "train.checkpoint_every": 0, "train.dpop_lambda": 0.0, "train.beta": 0.1,

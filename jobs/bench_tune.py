@@ -1,13 +1,15 @@
 """What a K = 4 sweep costs: our β × λ sweep on one reference pass against 4 TRL runs, each with its own.
 
     bash jobs/install_trl.sh && .venv/bin/python jobs/bench_tune.py [--config jobs/smollm2_dpo_vs_dpop.yaml]
-        [--pairs 20] [--steps 3] [--batch 4]
+        [--pairs 20] [--steps 3] [--batch 4] [--workers 1] [--concurrent 1] [--out jobs/benchmarks/tune.json]
 
 The config's first source is cut to `--pairs` pairs and its `pairs` stage run first (untimed: TRL gets the same
 pairs as a file it only has to read). Then, one after the other on this machine, each timed from start to exit:
 - ours: `dpop run --stages reference,tune --force reference,tune`: one reference pass, then a 2 x 2 grid (β 0.1 and
-  0.5, λ 0 and 50) of `--steps` steps of `--batch` pairs, each trial 2 FSDP2 workers of 1 CPU, two trials at a
-  time, no early stopping, evaluated once at the end; Ray's start, the actors' and the workers' starts included.
+  0.5, λ 0 and 50) of `--steps` steps of `--batch` pairs, `--concurrent` trials at a time of `--workers` FSDP2
+  workers each, the machine's CPUs split between them (the default, one trial of one worker with every thread, is
+  TRL's own arrangement), no early stopping, evaluated once at the end; Ray's start, the actors' and the workers'
+  starts included. Each trial's phases (rank 0's timings.json) show where its time went.
 - TRL: 4 `DPOTrainer` runs (jobs/bench_trl_dpo.py, one process of 2 threads) with `precompute_ref_log_probs`, the
   same steps, batch and train pairs, β 0.1, 0.5, 0.1, 0.5 (TRL has no λ: the DPOP trials' cost is the same as
   DPO's), each a fresh process that loads the model and computes its reference log-probs.
@@ -33,6 +35,10 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=20)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="FSDP2 workers per trial; the machine's CPUs are split between them")
+    parser.add_argument("--concurrent", type=int, default=1, help="trials at once")
+    parser.add_argument("--out", default=os.path.join(HERE, "benchmarks", "tune.json"))
     args = parser.parse_args()
     os.chdir(REPO)
     if not os.path.exists(TRL_PYTHON):
@@ -43,10 +49,11 @@ def main() -> None:
     from pipeline.train import phase_seconds
 
     settings = {"data.sources.0.limit": args.pairs, "train.max_steps": args.steps, "train.batch_size": args.batch,
-                "train.micro_batch_size": args.batch // 2, "train.num_workers": 2, "train.cpus_per_worker": 1,
+                "train.micro_batch_size": args.batch // args.workers, "train.num_workers": args.workers,
+                "train.cpus_per_worker": max(1, os.cpu_count() // (args.workers * args.concurrent)),
                 "train.eval_every": 0, "train.checkpoint_every": 0, "train.warmup_steps": 0,
                 "tune.beta": "[0.1, 0.5]", "tune.dpop_lambda": "[0.0, 50.0]", "tune.scheduler": "none",
-                "tune.max_concurrent_trials": 2, "reference.num_actors": 1, "reference.cpus_per_actor": 2}
+                "tune.max_concurrent_trials": args.concurrent, "reference.num_actors": 1, "reference.cpus_per_actor": 2}
     overrides = [a for key, value in settings.items() for a in ("--set", f"{key}={value}")]
     cfg = load_config(args.config, [f"{k}={v}" for k, v in settings.items()])
     dpop = [sys.executable, "-m", "pipeline", "run", args.config, *overrides]
@@ -88,13 +95,14 @@ def main() -> None:
     trl_seconds = sum(r["wall_seconds"] for r in trl_runs)
     figures = {
         "config": args.config, "model": cfg.model.name_or_path, "train_pairs": len(pairs), "steps": args.steps,
-        "batch": args.batch, "precision": "float32", "cpus": os.cpu_count(),
+        "batch": args.batch, "workers_per_trial": args.workers, "concurrent_trials": args.concurrent,
+        "precision": "float32", "cpus": os.cpu_count(),
         "ours": {"wall_seconds": round(ours_seconds, 1), "reference_pairs": reference["rows_out"],
                  "sweep_seconds": tune["sweep_seconds"], "trials": tune["trials"], "trial_phases": trial_phases},
         "trl_4_runs": {"wall_seconds": round(trl_seconds, 1), "runs": trl_runs},
         "ours_over_trl": round(ours_seconds / trl_seconds, 2),
     }
-    with open(os.path.join(HERE, "benchmarks", "tune.json"), "w") as f:
+    with open(args.out, "w") as f:
         json.dump(figures, f, indent=2)
     print(json.dumps(figures, indent=2))
     print(f"K = 4 sweep: ours {ours_seconds:.0f} s, 4 TRL runs {trl_seconds:.0f} s: "
