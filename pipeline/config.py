@@ -152,7 +152,8 @@ class ReferenceSection:
     enforce_eager: bool = execution_only(False)
     """vLLM: run the model eagerly, without torch.compile (and CUDA graphs on GPUs). Compiling costs 9-16 s per
     engine start on the demo's 2-layer model on CPU (measured: 19.6-27.5 s to start against 11.0-11.2 s eager)
-    and gives the same log-probs; turn it on where scoring takes less time than that (small runs, tiny models)."""
+    and gives the same log-probs to float rounding; turn it on where scoring takes less time than that (small runs,
+    tiny models)."""
 
 
 @dataclass

@@ -101,7 +101,9 @@ def test_merged_policy_serves_in_vllm(lora_run):
 
     @ray.remote(num_cpus=1, runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}})
     def serve():
-        engine = VLLMEngine(model_dir, None, "float32", 1, 0.2, 257, 8192, False, 0)
+        engine = VLLMEngine(model=model_dir, tokenizer=None, dtype="float32", tensor_parallel_size=1,
+                            gpu_memory_utilization=0.2, max_model_len=257, max_num_batched_tokens=8192,
+                            enforce_eager=True, trust_remote_code=False, seed=0)
         return engine.logps(prompts, completions), engine.generate(prompts, max_new_tokens=8, stop=[])
 
     served, answers = ray.get(serve.remote())
