@@ -98,14 +98,14 @@ def task_intervals(events: list[dict], window: tuple[float, float]) -> list[tupl
     return out
 
 
-# pipeline.train.PHASES (a train run's timings.json) by category.
+# pipeline.train.metrics.PHASES (a train run's timings.json) by category.
 PHASE_CATEGORY = {"worker_start": "process start", "setup": "model load", "first_step": "first batch",
                   "steps": "work", "save": "save"}
 
 
 def trial_intervals(tune_folder: str) -> list[tuple[float, float, str]]:
     """Each trial's phases from its rank 0's timings.json."""
-    from pipeline.train import PHASES
+    from pipeline.train.metrics import PHASES
 
     out = []
     for path in glob.glob(os.path.join(tune_folder, "trials", "*", "timings.json")):

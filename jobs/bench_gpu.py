@@ -77,7 +77,7 @@ def run_variant(variant: str, args, config, pairs: list[dict], mesh, device) -> 
 
     from pipeline.logprobs import completion_logps, make_batch, pad_groups
     from pipeline.loss import dpop_loss
-    from pipeline.train import parallelize
+    from pipeline.train.parallel import parallelize
 
     torch.manual_seed(0)
     with torch.device(device):

@@ -42,7 +42,7 @@ def dpop(config: str, *args: str) -> float:
 
 
 def ours(config: str, cfg, steps: int, batch: int, layout: str, workers: int = 2) -> dict:
-    from pipeline.train import read_metrics
+    from pipeline.train.metrics import read_metrics
 
     settings = {"train.max_steps": steps, "train.batch_size": batch, "train.micro_batch_size": batch // workers,
                 "train.num_workers": workers, "train.cpus_per_worker": 2 // workers, "train.log_every": 1,

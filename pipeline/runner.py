@@ -19,27 +19,15 @@ from datetime import datetime, timezone
 from pipeline import storage
 from pipeline.config import Config, fingerprint_view
 from pipeline.fingerprint import ModelNotFound, digest, hub_revisions, model_identity, source_identity
+from pipeline.runlock import RunLock
+from pipeline.vocab import STAGE_NAMES, PlanError, Stage, StageFailed
 
 MANIFEST = "_manifest.json"
 STARTED = "_started.json"
 
 
-class PlanError(ValueError):
-    """The requested stages cannot run (unknown stage, upstream output missing or stale, run folder in use, GPUs
-    the cluster lacks); no stage has started."""
-
-
-class StageFailed(RuntimeError):
-    """A stage ran but its output must not be used (every row dropped, too many dropped). `fields` go into a
-    manifest with status `failed`: the drop counts stay on record, and the stage is not done."""
-
-    def __init__(self, message: str, fields: dict):
-        super().__init__(message)
-        self.fields = fields
-
-
 @dataclass(frozen=True)
-class Stage:
+class StageSpec:
     name: str
     needs: tuple[str, ...]
     """The upstream stages whose output this one reads (those it may read, for eval: see `upstreams`)."""
@@ -54,11 +42,11 @@ class Stage:
     training checkpoints) instead of clearing it."""
 
 
-def upstreams(stage: Stage, cfg: Config) -> tuple[str, ...]:
+def upstreams(stage: StageSpec, cfg: Config) -> tuple[str, ...]:
     """The upstream stages `stage` reads under this config: eval reads the reference stage and the policies that
     eval.policies names (train's model, every trial of tune)."""
-    if stage.name == "eval":
-        return tuple(n for n in stage.needs if n == "reference" or n in cfg.eval.policies)
+    if stage.name == Stage.EVAL:
+        return tuple(n for n in stage.needs if n == Stage.REFERENCE or n in cfg.eval.policies)
     return stage.needs
 
 
@@ -74,19 +62,19 @@ CONTENT = {
 }
 
 STAGES = (
-    Stage("pairs", (), ("model", "data"), ("tokenizer", "sources"), "pipeline.pairs:build_pairs"),
-    Stage("reference", ("pairs",), ("model", "reference"), ("model",), "pipeline.reference:compute_reference",
-          resumable=True),
-    Stage("train", ("reference",), ("model", "train"), ("model", "seed"), "pipeline.train:train_policy",
-          resumable=True),
+    StageSpec(Stage.PAIRS, (), ("model", "data"), ("tokenizer", "sources"), "pipeline.pairs:build_pairs"),
+    StageSpec(Stage.REFERENCE, (Stage.PAIRS,), ("model", "reference"), ("model",),
+              "pipeline.reference:compute_reference", resumable=True),
+    StageSpec(Stage.TRAIN, (Stage.REFERENCE,), ("model", "train"), ("model", "seed"),
+              "pipeline.train.stage:train_policy", resumable=True),
     # Reads the same reference output as train, so a sweep never recomputes reference log-probs.
-    Stage("tune", ("reference",), ("model", "train", "tune"), ("model", "seed"), "pipeline.tune:sweep",
-          resumable=True),
+    StageSpec(Stage.TUNE, (Stage.REFERENCE,), ("model", "train", "tune"), ("model", "seed"), "pipeline.tune:sweep",
+              resumable=True),
     # The reference stage's held-out pairs and log-probs, and the policies of train and/or tune.
-    Stage("eval", ("reference", "train", "tune"), ("model", "data", "reference", "eval"), ("model", "eval_sources"),
-          "pipeline.evaluate:evaluate_policies"),
+    StageSpec(Stage.EVAL, (Stage.REFERENCE, Stage.TRAIN, Stage.TUNE), ("model", "data", "reference", "eval"),
+              ("model", "eval_sources"), "pipeline.evaluate.stage:evaluate_policies"),
 )
-STAGE_NAMES = tuple(s.name for s in STAGES)
+assert tuple(s.name for s in STAGES) == STAGE_NAMES, "one spec per stage, in run order"
 
 
 @dataclass
@@ -215,7 +203,7 @@ def _check_requested(cfg: Config, only: list[str] | None, force: list[str]) -> l
 
 
 def plan(cfg: Config, only: list[str] | None, force: list[str],
-         expected: dict | None = None) -> list[tuple[Stage, str]]:
+         expected: dict | None = None) -> list[tuple[StageSpec, str]]:
     """Which stages run and why, checked before any work starts."""
     configured = _check_requested(cfg, only, force)
     states = {row["stage"]: row["state"] for row in stage_states(cfg, expected)}
@@ -243,7 +231,7 @@ def plan(cfg: Config, only: list[str] | None, force: list[str],
     return steps
 
 
-def check_gpus(cfg: Config, stages: list[Stage]) -> None:
+def check_gpus(cfg: Config, stages: list[StageSpec]) -> None:
     """Fail in seconds, naming the key, where a stage asks for more GPUs than the cluster has: Ray would wait for
     them forever. (`use_gpu: true` is the default, and a laptop has no GPU.)"""
     import ray
@@ -251,9 +239,9 @@ def check_gpus(cfg: Config, stages: list[Stage]) -> None:
     have = ray.cluster_resources().get("GPU", 0)
     needs = {}
     names = {s.name for s in stages}
-    if names & {"reference", "eval"} and cfg.reference.use_gpu:  # eval scores on the reference's actors
+    if names & {Stage.REFERENCE, Stage.EVAL} and cfg.reference.use_gpu:  # eval scores on the reference's actors
         needs["reference.use_gpu"] = cfg.reference.tensor_parallel_size
-    if names & {"train", "tune"} and cfg.train.use_gpu:
+    if names & {Stage.TRAIN, Stage.TUNE} and cfg.train.use_gpu:
         needs["train.use_gpu"] = cfg.train.num_workers
     for key, count in needs.items():
         if have < count:
@@ -274,7 +262,7 @@ def run_stages(cfg: Config, only: list[str] | None = None, force: list[str] = ()
         return _run_steps(cfg, steps, expected_parts)
 
 
-def _run_steps(cfg: Config, steps: list[tuple[Stage, str]], expected_parts: dict) -> dict[str, dict]:
+def _run_steps(cfg: Config, steps: list[tuple[StageSpec, str]], expected_parts: dict) -> dict[str, dict]:
     manifests = {}
     for stage, reason in steps:
         out = stage_uri(cfg, stage.name)
@@ -325,73 +313,3 @@ def _run_steps(cfg: Config, steps: list[tuple[Stage, str]], expected_parts: dict
         manifests[stage.name] = manifest
         print(f"[dpop] {stage.name}: done in {manifest['seconds']:.1f}s, rows {manifest.get('rows')}", flush=True)
     return manifests
-
-
-class RunLock:
-    """`{run}/_lock.json` while a `dpop run` works on a run folder, so a second run (a job submitted twice) refuses
-    at once instead of both writing the same stages.
-
-    The file names its holder (host, pid, process start time, start and heartbeat times). A lock is taken over when
-    its holder is dead: on the same host, when that process no longer exists (or its pid now belongs to a newer
-    process); from another host, when its heartbeat, refreshed every HEARTBEAT_SECONDS, is older than STALE_SECONDS.
-    """
-    HEARTBEAT_SECONDS = 30
-    STALE_SECONDS = 300
-
-    def __init__(self, run_uri: str):
-        import socket
-
-        import psutil
-
-        self.uri = storage.join(run_uri, "_lock.json")
-        me = psutil.Process()
-        self.holder = {"host": socket.gethostname(), "pid": me.pid, "process_started": me.create_time(),
-                       "started_at": datetime.now(timezone.utc).isoformat()}
-        self._stop = None
-
-    @staticmethod
-    def holder_is_alive(holder: dict) -> bool:
-        import socket
-
-        import psutil
-
-        if holder.get("host") != socket.gethostname():
-            return time.time() - holder.get("heartbeat", 0) < RunLock.STALE_SECONDS
-        try:
-            return abs(psutil.Process(holder["pid"]).create_time() - holder["process_started"]) < 1
-        except (psutil.NoSuchProcess, KeyError):
-            return False
-
-    def _write(self) -> None:
-        storage.write_json(self.uri, {**self.holder, "heartbeat": time.time()})
-
-    def __enter__(self):
-        import threading
-
-        held = storage.read_json(self.uri)
-        if held and self.holder_is_alive(held):
-            raise PlanError(f"run folder {self.uri.rsplit('/', 1)[0]} is in use by another dpop run: host "
-                            f"{held['host']}, pid {held['pid']}, started {held['started_at']} (lock {self.uri}); "
-                            f"wait for it, or stop it")
-        if held:
-            print(f"[dpop] taking over the lock of a dead run (host {held['host']}, pid {held['pid']}, started "
-                  f"{held['started_at']})", flush=True)
-        self._write()
-        written = storage.read_json(self.uri) or {}
-        if (written.get("host"), written.get("pid")) != (self.holder["host"], self.holder["pid"]):
-            raise PlanError(f"run folder {self.uri.rsplit('/', 1)[0]} was taken by another dpop run starting at the "
-                            f"same time: host {written.get('host')}, pid {written.get('pid')}")
-        self._stop = threading.Event()
-
-        def beat():
-            while not self._stop.wait(self.HEARTBEAT_SECONDS):
-                self._write()
-
-        threading.Thread(target=beat, name="dpop-run-lock", daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        fs, path = storage.resolve(self.uri)
-        fs.delete_file(path)
-        return False

@@ -1,13 +1,17 @@
 """Raw rows to untokenized preference pairs, one parser per source format.
 
-A parser takes one input row (a dict) and its source's config (a dict of `SourceSection`'s fields) and returns
-the pairs the row yields as `RawPair`s, or raises `Drop` with a reason that ends up in the manifest's drop counts.
+Every reader yields one JSON text per input row; `parse_record` turns it into a dict (or a `Drop`), for the pairs
+and eval stages alike. A parser takes that row and its source's config (`SourceSection`) and returns the pairs the
+row yields as `RawPair`s, or raises `Drop` with a reason that ends up in the manifest's drop counts.
 Prompts and completions are either plain strings (used as they are) or chat messages (they get the tokenizer's
 chat template in the pairs stage).
 """
+import json
 import random
 import re
 from dataclasses import dataclass
+
+from pipeline.config import SourceSection
 
 Messages = list[dict[str, str]]
 
@@ -19,6 +23,20 @@ class Drop(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+def parse_record(record: str, read_error: str) -> dict:
+    """One input row as a reader yields it (a JSON text, or the reader's own error as "reason: detail") -> the row
+    as a dict; raises Drop."""
+    if read_error:
+        raise Drop(*read_error.split(": ", 1))
+    try:
+        row = json.loads(record)
+    except json.JSONDecodeError as e:
+        raise Drop("malformed_row", f"{e}: {record[:200]}") from None
+    if not isinstance(row, dict):
+        raise Drop("malformed_row", f"not a JSON object: {record[:200]}")
+    return row
 
 
 @dataclass
@@ -64,10 +82,10 @@ def _as_chat(value, role: str, column: str) -> Messages:
     return [{"role": role, "content": value}] if isinstance(value, str) else _messages(value, column)
 
 
-def parse_pairwise(row: dict, source: dict) -> list[RawPair]:
+def parse_pairwise(row: dict, source: SourceSection) -> list[RawPair]:
     """prompt, chosen, rejected. All strings: plain text. Any of them messages: all become chat messages (a string
     prompt is a user turn, a string completion an assistant turn)."""
-    fields = source["fields"]
+    fields = source.fields
     prompt, chosen, rejected = (_field(row, name, fields) for name in ("prompt", "chosen", "rejected"))
     for name, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
         if not isinstance(value, (str, list, dict)):
@@ -101,10 +119,10 @@ def _split_last_assistant_messages(messages: Messages) -> tuple[Messages, Messag
     return messages[:last], messages[last:]
 
 
-def parse_implicit_prompt(row: dict, source: dict) -> list[RawPair]:
+def parse_implicit_prompt(row: dict, source: SourceSection) -> list[RawPair]:
     """chosen and rejected hold whole conversations (HH-RLHF text with "\\n\\nAssistant:" turns, or message lists);
     the prompt is what precedes the last assistant turn, and must be the same in both."""
-    fields = source["fields"]
+    fields = source.fields
     chosen, rejected = _field(row, "chosen", fields), _field(row, "rejected", fields)
     if isinstance(chosen, str) and isinstance(rejected, str):
         prompt, chosen_part = _split_last_assistant_text(chosen)
@@ -121,10 +139,10 @@ def parse_implicit_prompt(row: dict, source: dict) -> list[RawPair]:
     return [RawPair(prompt, chosen_part, rejected_part)]
 
 
-def _question_pairs(question: str, right: str, wrongs: list[str], source: dict, default_template: str):
+def _question_pairs(question: str, right: str, wrongs: list[str], source: SourceSection, default_template: str):
     """A question and its right and wrong answers as pairs, in plain text or as chat turns."""
-    prompt = (source["prompt_template"] or default_template).format(question=question)
-    if source["chat"]:
+    prompt = (source.prompt_template or default_template).format(question=question)
+    if source.chat:
         user = [{"role": "user", "content": prompt}]
         return [RawPair(user, [{"role": "assistant", "content": right}], [{"role": "assistant", "content": wrong}])
                 for wrong in wrongs]
@@ -178,11 +196,11 @@ def answer_index(answer, choices: list[str], labels: list | None) -> int:
     return index
 
 
-def parse_multiple_choice(row: dict, source: dict) -> list[RawPair]:
+def parse_multiple_choice(row: dict, source: SourceSection) -> list[RawPair]:
     """One pair per wrong choice: (question, right choice, wrong choice). Reads ARC (LLM-Adapters' instruction
     JSON and Hugging Face ai2_arc), HellaSwag (Hugging Face, and the six-line text layout), and any other dataset
     through `fields` naming its question, choices and answer (an index, a label, or the right choice's text)."""
-    question, choices, answer, labels, template = multiple_choice_fields(row, source["fields"])
+    question, choices, answer, labels, template = multiple_choice_fields(row, source.fields)
     if not isinstance(question, str) or not question.strip():
         raise Drop("empty_field", "empty question")
     if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices) or len(choices) < 2:
@@ -230,11 +248,11 @@ def corrupt_solution(solution: str, rng: random.Random) -> tuple[str, str, str]:
     return "".join(pieces), target.group(), new
 
 
-def parse_math_corruption(row: dict, source: dict) -> list[RawPair]:
+def parse_math_corruption(row: dict, source: SourceSection) -> list[RawPair]:
     """A problem and its worked solution (GSM8K: question/answer ending '#### N'; MetaMathQA: query/response ending
     'The answer is: N') give `corruptions` rejected solutions, each with one number changed (`corrupt_solution`).
     Calculator annotations (<<48/2=24>>) are removed first: they would restate the true value."""
-    fields = source["fields"]
+    fields = source.fields
     question = row.get(fields.get("question", "question"), row.get("query"))
     solution = row.get(fields.get("solution", "answer"), row.get("response"))
     if not isinstance(question, str) or not question.strip():
@@ -247,13 +265,13 @@ def parse_math_corruption(row: dict, source: dict) -> list[RawPair]:
     if not NUMBER.search(solution):
         raise Drop("no_numbers", "the solution has no number to change")
     # Seeded by the problem itself: the same pairs for the same seed, in any order or batching.
-    rng = random.Random(f"{source['seed']}\x00{question}\x00{solution}")
+    rng = random.Random(f"{source.seed}\x00{question}\x00{solution}")
     rejected = []
-    for _ in range(source["corruptions"] * 10):  # a few retries in case two draws give the same text
+    for _ in range(source.corruptions * 10):  # a few retries in case two draws give the same text
         text, _, _ = corrupt_solution(solution, rng)
         if text not in rejected:
             rejected.append(text)
-        if len(rejected) == source["corruptions"]:
+        if len(rejected) == source.corruptions:
             break
     return _question_pairs(question.strip(), solution, rejected, source, QA_TEMPLATE)
 

@@ -17,6 +17,7 @@ import tempfile
 
 from pipeline import storage
 from pipeline.config import Config
+from pipeline.vocab import Stage
 
 TRACKING_FILE = "tracking.json"
 
@@ -39,7 +40,7 @@ def run_params(cfg: Config, reference_fingerprint: str) -> dict:
               "pair_fingerprint": reference_fingerprint, "seed": cfg.run.seed,
               "mixed_precision": t.mixed_precision, "lora": bool(t.lora)}
     if t.lora:
-        params.update({f"lora_{k}": v for k, v in vars(t.lora).items() if k != "target_modules"},
+        params.update({f"lora_{k}": v for k, v in t.lora.model_dump().items() if k != "target_modules"},
                       lora_target_modules=",".join(t.lora.target_modules))
     return params
 
@@ -108,7 +109,7 @@ def attach_eval(cfg: Config, report_uri: str) -> None:
     the tracked run that trained it (MLflow metrics `eval_stage/<task>/<metric>` and artifacts; TensorBoard
     scalars). Results are added once per eval run; the report is uploaded again whenever it is rebuilt."""
     run_uri = storage.join(cfg.run.storage, cfg.run.name)
-    manifest = storage.read_json(storage.join(run_uri, "eval", "_manifest.json"))
+    manifest = storage.read_json(storage.join(run_uri, Stage.EVAL, "_manifest.json"))
     if not cfg.run.trackers or not manifest or manifest.get("status") == "failed":
         return
     results = json.loads(storage.read_text(manifest["results"]))

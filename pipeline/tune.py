@@ -13,16 +13,17 @@ train outputs: metrics.jsonl, checkpoints, model/).
 import math
 import os
 import re
-import tempfile
 import time
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipeline import storage
-from pipeline.config import Config, config_from_dict
+from pipeline import plots, storage
+from pipeline.config import Config
 from pipeline.tracking import run_params
-from pipeline.train import load_pairs, make_trainer, read_metrics
+from pipeline.train.data import load_pairs
+from pipeline.train.metrics import read_metrics
+from pipeline.train.stage import make_trainer
+from pipeline.vocab import Stage
 
 TRIAL_DRIVER_CPUS = 0.1  # a trial's own process only waits on its TorchTrainer; its workers hold the real CPUs
 
@@ -32,19 +33,18 @@ def trial_folder(beta: float, dpop_lambda: float, trial_id: str) -> str:
     return f"beta_{beta:g}-lambda_{dpop_lambda:g}-{trial_id}"
 
 
-def run_trial(params: dict, pairs: dict) -> None:
-    """One Tune trial: the train stage's TorchTrainer with this trial's β and λ, reporting to Tune. `pairs` are
-    the reference pairs' object refs (pipeline.train.load_pairs), read once by the sweep and shared by every
-    trial."""
+def run_trial(params: dict, cfg: Config, out: str, reference_fingerprint: str, pairs: dict) -> None:
+    """One Tune trial: the train stage's TorchTrainer with this trial's β and λ (`params`), reporting to Tune.
+    `pairs` are the reference pairs' object refs (pipeline.train.data.load_pairs), read once by the sweep and shared
+    by every trial."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    cfg = config_from_dict(params["config"])
-    cfg.train.beta, cfg.train.dpop_lambda = params["beta"], params["dpop_lambda"]
+    cfg = cfg.copy_with({"train.beta": params["beta"], "train.dpop_lambda": params["dpop_lambda"]})
     folder = trial_folder(cfg.train.beta, cfg.train.dpop_lambda, tune.get_context().get_trial_id())
-    out = storage.join(params["out"], "trials", folder)
-    tracking = {"name": f"{cfg.run.name}/{folder}", "params": run_params(cfg, params["reference_fingerprint"])}
-    result = make_trainer(cfg, out, "ray-train", pairs, tracking, callbacks=[TuneReportCallback()],
+    trial_out = storage.join(out, "trials", folder)
+    tracking = {"name": f"{cfg.run.name}/{folder}", "params": run_params(cfg, reference_fingerprint)}
+    result = make_trainer(cfg, trial_out, "ray-train", pairs, tracking, callbacks=[TuneReportCallback()],
                           report_metric=cfg.tune.metric).fit()
     if result.error:
         raise result.error
@@ -176,53 +176,6 @@ def best_trial(rows: list[dict], mode: str) -> dict | None:
     return (min if mode == "min" else max)(scored, key=lambda r: r["final_metric"])
 
 
-def plot_sweep(rows: list[dict], curves: dict[str, list[dict]], cfg: Config, folder: str) -> None:
-    """heatmap.png: the metric over β × λ; logps_chosen.png: log p(chosen) over steps for every trial."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    betas = sorted({r["beta"] for r in rows})
-    lambdas = sorted({r["dpop_lambda"] for r in rows})
-    grid = np.full((len(lambdas), len(betas)), np.nan)
-    labels = [["failed" for _ in betas] for _ in lambdas]
-    for r in rows:
-        i, j = lambdas.index(r["dpop_lambda"]), betas.index(r["beta"])
-        if r["final_metric"] is not None and r["status"] != "failed":
-            grid[i, j] = r["final_metric"]
-            labels[i][j] = f"{r['final_metric']:.4g}" + ("\n(stopped)" if r["status"] == "stopped_early" else "")
-    fig, ax = plt.subplots(figsize=(1.8 * len(betas) + 3, 1.2 * len(lambdas) + 2))
-    image = ax.imshow(grid, cmap="viridis_r" if cfg.tune.mode == "min" else "viridis", aspect="auto")
-    for i in range(len(lambdas)):
-        for j in range(len(betas)):
-            ax.text(j, i, labels[i][j], ha="center", va="center", color="white", fontsize=9,
-                    bbox={"facecolor": "black", "alpha": 0.4, "linewidth": 0})
-    ax.set_xticks(range(len(betas)), [f"{b:g}" for b in betas])
-    ax.set_yticks(range(len(lambdas)), [f"{v:g}" for v in lambdas])
-    ax.set_xlabel("β")
-    ax.set_ylabel("λ")
-    ax.set_title(f"{cfg.tune.metric} (last value; {'lower' if cfg.tune.mode == 'min' else 'higher'} is better)")
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(os.path.join(folder, "heatmap.png"), dpi=100)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for name, metrics in sorted(curves.items()):
-        if metrics:
-            ax.plot([m["step"] for m in metrics], [m["logps/chosen"] for m in metrics], label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("log p(chosen), summed over completion tokens")
-    ax.set_title("Chosen log-likelihood per trial: DPO's failure mode is this falling")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(folder, "logps_chosen.png"), dpi=100)
-    plt.close(fig)
-
-
 def sweep(cfg: Config, stage) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -230,8 +183,7 @@ def sweep(cfg: Config, stage) -> dict:
     tc = cfg.tune
     # Early evaluation rows carry the metric, the steps between them do not; ASHA passes over those.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    param_space = {"config": cfg.to_dict(), "out": stage.out,
-                   "reference_fingerprint": stage.manifests["reference"]["fingerprint"]}
+    param_space = {}
     search_alg = _search(tc, param_space)
     scheduler = None
     if tc.scheduler == "asha":
@@ -240,7 +192,7 @@ def sweep(cfg: Config, stage) -> dict:
     concurrency = _concurrency(cfg)
     # The reference pass, read once and held in the object store for every trial: a trial's trainer starts no
     # read tasks, so when a trial ends mid-epoch no half-read pipeline keeps its CPUs.
-    pairs, info = load_pairs(stage.inputs["reference"], cfg.train)
+    pairs, info = load_pairs(stage.inputs[Stage.REFERENCE], cfg.train)
     if tc.metric.startswith("eval/") and "eval" not in pairs:
         # Checked before any trial starts: otherwise every trial runs and the sweep ends with no winner.
         raise ValueError(f"tune.metric: {tc.metric!r} needs an eval split of at least train.num_workers = "
@@ -248,7 +200,10 @@ def sweep(cfg: Config, stage) -> dict:
                          f"data.eval_fraction or rank by a train metric")
     print(f"[dpop] tune: {info['train_rows']} train / {info['eval_rows']} eval pairs from {stage.inputs['reference']}, "
           f"shared by every trial", flush=True)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, pairs=pairs), {"CPU": TRIAL_DRIVER_CPUS})
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, cfg=cfg, out=stage.out,
+                             reference_fingerprint=stage.manifests[Stage.REFERENCE]["fingerprint"], pairs=pairs),
+        {"CPU": TRIAL_DRIVER_CPUS})
     experiment = storage.join(stage.out, f"ray-{stage.fingerprint}")
     if tune.Tuner.can_restore(experiment):
         print(f"[dpop] tune: resuming the sweep in {experiment}: finished trials are kept", flush=True)
@@ -273,11 +228,9 @@ def sweep(cfg: Config, stage) -> dict:
 
     rows, curves = trial_table(results, cfg, stage.out)
     best = best_trial(rows, tc.mode)
-    with tempfile.TemporaryDirectory() as folder:
-        pq.write_table(pa.Table.from_pylist(rows), os.path.join(folder, "trials.parquet"))
-        plot_sweep(rows, curves, cfg, folder)
-        for name in ("trials.parquet", "heatmap.png", "logps_chosen.png"):
-            storage.upload_file(os.path.join(folder, name), storage.join(stage.out, name))
+    storage.write_parquet(pa.Table.from_pylist(rows), storage.join(stage.out, "trials.parquet"))
+    plots.sweep_heatmap(rows, tc.metric, tc.mode, storage.join(stage.out, "heatmap.png"))
+    plots.sweep_logps_chosen(curves, storage.join(stage.out, "logps_chosen.png"))
     best_json = None
     if best:
         best_json = {"beta": best["beta"], "dpop_lambda": best["dpop_lambda"], "metric": tc.metric, "mode": tc.mode,

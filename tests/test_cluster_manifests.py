@@ -13,7 +13,7 @@ import yaml
 
 from conftest import REPO
 from pipeline.config import config_from_dict, load_config
-from pipeline.runner import STAGE_NAMES
+from pipeline.vocab import STAGE_NAMES
 
 DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 PUBLIC_SERVICE_TYPES = {"LoadBalancer", "NodePort"}

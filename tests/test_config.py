@@ -47,6 +47,9 @@ def test_exponent_floats_without_a_dot_are_floats(tmp_path, base):
     (lambda r: r["train"].update(beta=-1), "train.beta: must be > 0, got -1"),
     (lambda r: r["train"].update(dpop_lambda=-0.5), "train.dpop_lambda: must be >= 0, got -0.5"),
     (lambda r: r["train"].update(max_steps=True), "train.max_steps: expected int, got True"),
+    (lambda r: r["train"].update(max_steps="ten"), "train.max_steps: expected int, got 'ten'"),
+    (lambda r: r["train"].update(use_gpu=1), "train.use_gpu: expected bool, got 1"),
+    (lambda r: r["run"].update(nmae=r["run"].pop("name")), "unknown key run.nmae (did you mean run.name?)"),
     (lambda r: r["reference"].update(backend="tgi") if "reference" in r else r.update(reference={"backend": "tgi"}),
      "reference.backend: 'tgi' is not one of 'vllm', 'hf'"),
     (lambda r: r["data"]["sources"][0].update(format="triples"), "data.sources[0].format: 'triples' is not one of"),
@@ -142,12 +145,40 @@ def test_cli_reports_config_errors_without_starting_ray(tmp_path, base, capsys, 
     assert "stage tune needs a `tune` section in the config" in capsys.readouterr().err
 
 
-def test_readme_config_reference_matches_the_code():
-    """The README's table is `python -m pipeline.config`'s output, so it lists every key with its current default."""
-    from conftest import REPO
-    from pipeline.config import reference_markdown
+def test_copy_with_applies_dotted_changes_and_checks_them(tmp_path, base):
+    cfg = load(tmp_path, base)
+    trial = cfg.copy_with({"train.beta": 0.2, "train.dpop_lambda": 0.0, "data.sources.0.limit": 5})
+    assert (trial.train.beta, trial.train.dpop_lambda, trial.data.sources[0].limit) == (0.2, 0.0, 5)
+    assert (cfg.train.beta, cfg.train.dpop_lambda, cfg.data.sources[0].limit) == (0.1, 50.0, None)
+    assert trial.run == cfg.run and trial.data.sources[0].path == cfg.data.sources[0].path
+    with pytest.raises(ConfigError, match=r"^train.beta: must be > 0, got -1$"):
+        cfg.copy_with({"train.beta": -1})
+    with pytest.raises(ConfigError, match=r"^unknown key train.bta \(did you mean train.beta\?\)$"):
+        cfg.copy_with({"train.bta": 0.2})
+    with pytest.raises(ConfigError, match=r"^train.warmup_steps: 10 must be below train.max_steps 10$"):
+        cfg.copy_with({"train.max_steps": 10})
+    assert cfg.train.max_steps == 20
+    # A sweep trial makes its config on any node, where the driver's input files need not exist.
+    (tmp_path / "pairs.jsonl").unlink()
+    assert cfg.copy_with({"train.beta": 0.3}).train.beta == 0.3
 
-    assert reference_markdown() in (REPO / "README.md").read_text(), "regenerate it: python -m pipeline.config"
+
+def test_config_docs_match_the_code():
+    """docs/config.md and docs/config.schema.json are generated from pipeline/config.py, so they list every key with
+    its current default, type and docstring."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("write_config_docs", REPO / "jobs" / "write_config_docs.py")
+    docs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(docs)
+    undocumented = [f"{prefix}.{name}" for prefix, cls, _ in docs.sections() for name, field in cls.model_fields.items()
+                    if not field.description]
+    assert not undocumented, f"document these keys with a docstring under their declaration: {undocumented}"
+    regenerate = "out of date: regenerate docs/ with .venv/bin/python jobs/write_config_docs.py"
+    assert (REPO / "docs" / "config.md").read_text(encoding="utf-8") == docs.config_markdown(), regenerate
+    assert (REPO / "docs" / "config.schema.json").read_text(encoding="utf-8") == docs.config_schema(), regenerate
 
 
 def test_max_length_must_fit_the_models_context(tmp_path, base):

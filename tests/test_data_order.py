@@ -1,7 +1,7 @@
 """The training stream: a global shuffle per epoch, every pair once per epoch, any position found directly."""
 import numpy as np
 
-from pipeline.train import stream_indices
+from pipeline.train.data import stream_indices
 
 
 def test_every_pair_once_per_epoch_in_a_new_order_each_epoch():

@@ -92,7 +92,7 @@ def test_merged_policy_serves_in_vllm(lora_run):
     registration walks every loaded module, and this test process holds moto's Flask proxies)."""
     import ray
 
-    from pipeline.reference import HFEngine, VLLMEngine
+    from pipeline.engines import HFEngine, VLLMEngine
 
     run_dir, _ = lora_run
     model_dir = str(run_dir / "train" / "model")

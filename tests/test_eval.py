@@ -5,15 +5,9 @@ import math
 
 import pytest
 
-from pipeline.evaluate import (
-    _encode_continuation,
-    flexible_answer,
-    gsm8k_metrics,
-    multiple_choice_metrics,
-    pair_metrics,
-    strict_answer,
-)
-from pipeline.reference import cut_at_stop
+from pipeline.evaluate.metrics import flexible_answer, gsm8k_metrics, multiple_choice_metrics, pair_metrics, strict_answer
+from pipeline.evaluate.tasks import _encode_continuation
+from pipeline.engines import cut_at_stop
 
 
 @pytest.mark.parametrize("text, strict, flexible", [

@@ -92,7 +92,7 @@ def test_killed_driver_during_pairs_and_reference(tmp_path, tiny_model, ray_clus
     assert abs(first["loss"] - math.log(2)) < 1e-3
     assert first["dpop/penalty_active"] == 0 and first["logps/ref_gap"] < 1e-3
     # Plain DPO (λ = 0) on pairs one number apart (median edit distance 1): the manifest warns and names DPOP.
-    from pipeline.train import low_edit_distance_warning
+    from pipeline.train.stage import low_edit_distance_warning
 
     assert low_edit_distance_warning(50.0, 1.0) is None and low_edit_distance_warning(0.0, 40.0) is None
     train = read_manifest(run, "train")

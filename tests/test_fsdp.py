@@ -11,7 +11,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from pipeline.logprobs import completion_logps, make_batch
-from pipeline.train import load_policy, parallelize
+from pipeline.train.parallel import load_policy, parallelize
 
 GROUPS = [([5, 6, 7, 8], [[9, 10, 11], [12, 13]]), ([14, 15], [[16, 17, 18, 19], [20]]), ([21], [[22], [23, 24]])]
 

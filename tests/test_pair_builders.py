@@ -139,9 +139,7 @@ def test_stage_reads_every_layout(tmp_path, tokenizer, tiny_model, ray_cluster):
     assert {s: by_source[s]["records_in"] for s in by_source} == {"arc": 2, "ai2": 1, "hs": 2, "hs_bz2": 1, "gsm": 1}
     assert manifest["dropped"] == {"bad_answer": 1}
     assert manifest["rows"] == 3 + 2 + 3 * 3 + 2  # hs holds its item twice and hs_bz2 once more: all kept
-    manifest = run_stages(cfg.__class__(**{**vars(cfg), "data": cfg.data.__class__(**{**vars(cfg.data),
-                                                                                       "deduplicate": True})}),
-                          ["pairs"])["pairs"]
+    manifest = run_stages(cfg.copy_with({"data.deduplicate": True}), ["pairs"])["pairs"]
     assert manifest["dropped"] == {"bad_answer": 1, "duplicate": 6} and manifest["rows"] == 3 + 2 + 3 + 2
     ed = manifest["edit_distance"]["by_source"]
     assert set(ed) == {"arc", "ai2", "hs", "gsm"}

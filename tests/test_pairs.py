@@ -13,13 +13,11 @@ from pipeline.runner import run_stages
 from pipeline.sources import Drop, RawPair, parse_implicit_prompt, parse_pairwise
 
 
-def source(**options) -> dict:
-    """A source's config as the parsers receive it: SourceSection's fields with its defaults."""
-    import dataclasses
-
+def source(**options):
+    """A source's config as the parsers receive it: a SourceSection with its defaults."""
     from pipeline.config import SourceSection
 
-    return dataclasses.asdict(SourceSection(**{"path": "x.jsonl", "format": "pairwise", **options}))
+    return SourceSection(**{"path": "x.jsonl", "format": "pairwise", **options})
 
 
 def slow_levenshtein(a, b):
@@ -274,13 +272,13 @@ def test_too_many_drops_fail_the_stage_naming_the_reasons():
     """data.max_dropped_fraction (default 0.5): most rows dropped means a wrong format or mapping, not bad rows."""
     from pipeline.config import DataSection
     from pipeline.pairs import check_drops
-    from pipeline.runner import StageFailed
+    from pipeline.vocab import StageFailed
 
     fields = {"rows": 1, "rows_in": 4, "rows_dropped": 3, "dropped": {"malformed_row": 2, "too_long": 1},
               "drop_examples": {"malformed_row": [{"detail": "a.jsonl line 2: Expecting value"}],
                                 "too_long": [{"detail": "a.jsonl line 3: 80 tokens > data.max_length 64"}]}}
     with pytest.raises(StageFailed) as failure:
-        check_drops(fields, DataSection.max_dropped_fraction)
+        check_drops(fields, DataSection.model_fields["max_dropped_fraction"].default)
     assert str(failure.value) == ("pairs: dropped 3 of 4 candidate pairs (75%), more than data.max_dropped_fraction "
                                   "0.5; top reasons: malformed_row 2 (e.g. 'a.jsonl line 2: Expecting value'), "
                                   "too_long 1 (e.g. 'a.jsonl line 3: 80 tokens > data.max_length 64')")

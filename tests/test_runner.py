@@ -10,11 +10,12 @@ import time
 import pytest
 
 from conftest import REPO, demo_config
-from pipeline.runner import PlanError, RunLock
+from pipeline.runlock import RunLock
+from pipeline.vocab import PlanError
 
 HOLD = """
 import sys, time
-from pipeline.runner import RunLock
+from pipeline.runlock import RunLock
 with RunLock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(600)

@@ -1,0 +1,178 @@
+"""The engines that score and generate, and their Ray Data actor pools: used by `reference` and `eval`, so the
+policy and the reference are scored alike.
+
+- `VLLMEngine`: a `vllm.LLM` that scores prompt+completion token ids through prompt log-probs, and answers greedily.
+- `HFEngine`: a transformers model doing the same through pipeline.logprobs.
+`engine_actor` gives `map_batches` the arguments of a pool whose actors (`EngineActor`) each hold one engine.
+"""
+import math
+
+from pipeline import storage
+from pipeline.config import Config
+
+
+class VLLMEngine:
+    """One vLLM engine: summed completion log-probs (prompt log-probs of prompt+completion) and greedy answers."""
+
+    def __init__(self, model: str, tokenizer: str | None, dtype: str, tensor_parallel_size: int,
+                 gpu_memory_utilization: float, max_model_len: int, max_num_batched_tokens: int,
+                 enforce_eager: bool, trust_remote_code: bool, seed: int):
+        from vllm import LLM
+
+        model = storage.local_dir(model)
+        self.llm = LLM(
+            model=model,
+            tokenizer=tokenizer or model,
+            dtype=dtype,
+            tensor_parallel_size=tensor_parallel_size,
+            # One GPU: run in this process (starts in seconds instead of spawning and re-importing vLLM).
+            distributed_executor_backend="uni" if tensor_parallel_size == 1 else "mp",
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            max_num_batched_tokens=max_num_batched_tokens,
+            enable_chunked_prefill=True,  # sequences longer than one step's budget are scored over several
+            # Cached prefix tokens produce no prompt log-probs; every token must be computed.
+            enable_prefix_caching=False,
+            enforce_eager=enforce_eager,
+            trust_remote_code=trust_remote_code,
+            seed=seed,
+        )
+
+    def logps(self, prompts: list[list[int]], completions: list[list[int]]) -> list[float]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        # prompt_logprobs=0: the log-prob of each actual prompt token, no alternatives.
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        sequences = [p + c for p, c in zip(prompts, completions)]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
+        # prompt_logprobs[i] is {token_id: Logprob} for token i given tokens < i (None at i = 0).
+        return [sum(output.prompt_logprobs[i][sequence[i]].logprob for i in range(len(prompt), len(sequence)))
+                for output, sequence, prompt in zip(outputs, sequences, prompts)]
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop: list[str]) -> list[str]:
+        """Greedy answers, cut before the first stop string (and at the end-of-sequence token)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=stop)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        return [cut_at_stop(output.outputs[0].text, stop) for output in outputs]
+
+
+class HFEngine:
+    """A transformers model: the same summed completion log-probs through pipeline.logprobs, and greedy answers."""
+
+    def __init__(self, model: str, dtype: str, use_gpu: bool, micro_batch_size: int, trust_remote_code: bool):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        model = storage.local_dir(model)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+        ).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+        pad_id = self.tokenizer.pad_token_id
+        self.pad_id = pad_id if pad_id is not None else self.tokenizer.eos_token_id
+        self.micro_batch_size = micro_batch_size
+
+    def logps(self, prompts: list[list[int]], completions: list[list[int]]) -> list[float]:
+        import torch
+
+        from pipeline.logprobs import completion_logps, layout_for, make_batch
+
+        # Completions after the same prompt (a pair's two, a question's choices) form one group, which shares the
+        # prompt's computation; groups go shortest first, so a micro-batch holds groups of similar length.
+        members: dict[tuple, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            members.setdefault(tuple(prompt), []).append(i)
+        groups = sorted(members.values(), key=lambda g: len(prompts[g[0]]) + sum(len(completions[i]) for i in g))
+        layout = layout_for(self.model)
+        logps = [0.0] * len(prompts)
+        with torch.inference_mode():
+            for start in range(0, len(groups), self.micro_batch_size):
+                chunk = groups[start:start + self.micro_batch_size]
+                batch = make_batch([(prompts[g[0]], [completions[i] for i in g]) for g in chunk], self.pad_id, layout)
+                scores = completion_logps(self.model, batch.to(self.device)).double().tolist()
+                for i, score in zip((i for g in chunk for i in g), scores):
+                    logps[i] = score
+            # A NaN or inf in one sequence's activations reaches every sequence it shares a packed row with
+            # (masked attention weighs it by 0, and 0 * NaN is NaN): each such sequence is scored again alone.
+            for i, score in enumerate(logps):
+                if not math.isfinite(score):
+                    alone = make_batch([(prompts[i], [completions[i]])], self.pad_id, "padded")
+                    logps[i] = completion_logps(self.model, alone.to(self.device)).double().item()
+        return logps
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop: list[str]) -> list[str]:
+        import torch
+
+        answers = []
+        with torch.inference_mode():
+            for start in range(0, len(prompts), self.micro_batch_size):
+                chunk = prompts[start:start + self.micro_batch_size]
+                width = max(map(len, chunk))
+                # Left padding: every prompt ends where generation starts.
+                input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in chunk], device=self.device)
+                attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk],
+                                              device=self.device)
+                generated = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                                max_new_tokens=max_new_tokens, do_sample=False,
+                                                pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id)
+                for row in generated[:, width:].tolist():
+                    answers.append(cut_at_stop(self.tokenizer.decode(row, skip_special_tokens=True), stop))
+        return answers
+
+
+def cut_at_stop(text: str, stop: list[str]) -> str:
+    """The text before the first stop string."""
+    cuts = [text.find(s) for s in stop if s in text]
+    return text[:min(cuts)] if cuts else text
+
+
+ENGINES = {"vllm": VLLMEngine, "hf": HFEngine}
+
+
+class EngineActor:
+    """A Ray Data actor holding one engine (`engine_actor` gives its constructor's arguments); each stage's actor
+    class adds its `__call__`."""
+
+    def __init__(self, backend: str, engine_kwargs: dict):
+        self.engine = ENGINES[backend](**engine_kwargs)
+
+
+def engine_actor(cfg: Config, model: str, max_length: int, backend: str) -> dict:
+    """`map_batches` arguments for an actor pool whose actors each hold one `backend` engine of `model` (the
+    reference section's precision and actor resources), scoring sequences of up to `max_length` tokens. The
+    reference and eval stages share it, so policy and reference are scored alike."""
+    ref = cfg.reference
+    if backend == "vllm":
+        engine_kwargs = dict(
+            model=model,
+            # The policy folders hold the tokenizer saved with them; the reference may name its own.
+            tokenizer=cfg.model.tokenizer if model == cfg.model.name_or_path else None,
+            dtype=ref.dtype,
+            tensor_parallel_size=ref.tensor_parallel_size,
+            gpu_memory_utilization=ref.gpu_memory_utilization,
+            max_model_len=max_length + 1,  # + the one token vLLM must generate after a scored sequence
+            max_num_batched_tokens=ref.max_num_batched_tokens,
+            enforce_eager=ref.enforce_eager,
+            trust_remote_code=cfg.model.trust_remote_code,
+            seed=cfg.run.seed,
+        )
+        # Set in the actor's own process, before vLLM is imported there.
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if ref.tensor_parallel_size == 1 else {}
+        runtime_env = {"env_vars": env}
+    else:
+        engine_kwargs = dict(model=model, dtype=ref.dtype, use_gpu=ref.use_gpu, micro_batch_size=ref.micro_batch_size,
+                             trust_remote_code=cfg.model.trust_remote_code)
+        runtime_env = None
+    return dict(
+        fn_constructor_kwargs={"backend": backend, "engine_kwargs": engine_kwargs},
+        batch_format="pyarrow",
+        concurrency=ref.num_actors,
+        num_gpus=ref.tensor_parallel_size if ref.use_gpu else 0,
+        num_cpus=ref.cpus_per_actor,
+        runtime_env=runtime_env,
+    )

@@ -1,0 +1,142 @@
+"""Answers -> numbers: each task kind's metrics for one model, the results table, the best trial, and the DPO
+against DPOP comparison the stage prints and the report shows."""
+import re
+from dataclasses import dataclass
+
+from pipeline.vocab import BELOW_REFERENCE_NATS, TASK_METRICS
+
+@dataclass
+class Model:
+    name: str
+    """`reference`, `train`, or a trial's folder name."""
+    path: str
+    beta: float | None = None
+    dpop_lambda: float | None = None
+
+
+STRICT_ANSWER = re.compile(r"#### (\-?[0-9\.\,]+)")
+FLEXIBLE_ANSWER = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+
+
+def normalize_number(text: str) -> str:
+    """As lm-evaluation-harness's gsm8k filters do: commas, dollar signs and a trailing period removed."""
+    text = text.strip().replace(",", "").replace("$", "")
+    return text[:-1] if text.endswith(".") else text
+
+
+def strict_answer(text: str) -> str | None:
+    """The number after '#### ', the answer format GSM8K solutions end with."""
+    match = STRICT_ANSWER.search(text)
+    return normalize_number(match.group(1)) if match else None
+
+
+def flexible_answer(text: str) -> str | None:
+    """The last number anywhere in the answer."""
+    matches = FLEXIBLE_ANSWER.findall(text)
+    if not matches:
+        return None
+    return normalize_number(next(group for group in matches[-1] if group))
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def pair_metrics(items: list[dict], answers: dict | None, beta: float | None) -> dict:
+    """Held-out pair metrics of one model. `answers` None: the reference itself (its log-probs are on storage)."""
+    ref = [item["ref"] for item in items]
+    if answers is None:
+        return {"acc": _mean(c > r for c, r in ref), "logps/chosen": _mean(c for c, _ in ref),
+                "logps/rejected": _mean(r for _, r in ref)}
+    policy = [(answers[item["requests"][0]]["logp"], answers[item["requests"][1]]["logp"]) for item in items]
+    chosen_change = [pc - rc for (pc, _), (rc, _) in zip(policy, ref)]
+    rejected_change = [pr - rr for (_, pr), (_, rr) in zip(policy, ref)]
+    margins = [beta * (c - r) for c, r in zip(chosen_change, rejected_change)]
+    return {
+        "acc": _mean(c > r for c, r in policy),
+        "rewards/accuracies": _mean(m > 0 for m in margins),
+        "rewards/margins": _mean(margins),
+        "logps/chosen": _mean(c for c, _ in policy),
+        "logps/rejected": _mean(r for _, r in policy),
+        "logps/chosen_change": _mean(chosen_change),
+        "logps/rejected_change": _mean(rejected_change),
+        "logps/chosen_below_reference": _mean(c < -BELOW_REFERENCE_NATS for c in chosen_change),
+    }
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=lambda i: (values[i], -i))  # the first of equal maxima, as numpy's
+
+
+def multiple_choice_metrics(items: list[dict], answers: dict) -> dict:
+    acc, acc_norm = [], []
+    for item in items:
+        lls = [answers[r]["logp"] for r in item["requests"]]
+        acc.append(_argmax(lls) == item["gold"])
+        acc_norm.append(_argmax([ll / n for ll, n in zip(lls, item["choice_chars"])]) == item["gold"])
+    return {"acc": _mean(acc), "acc_norm": _mean(acc_norm)}
+
+
+def gsm8k_metrics(items: list[dict], answers: dict) -> tuple[dict, list[dict]]:
+    samples = []
+    for item in items:
+        text = answers[item["requests"][0]]["text"]
+        strict, flexible = strict_answer(text), flexible_answer(text)
+        samples.append({"origin": item["origin"], "question": item["question"], "target": item["target"],
+                        "answer": text, "strict": strict, "flexible": flexible})
+    return {"exact_match": _mean(s["strict"] == s["target"] for s in samples),
+            "exact_match_flexible": _mean(s["flexible"] == s["target"] for s in samples)}, samples
+
+
+def results_table(rows: list[dict], models: list[Model]) -> str:
+    """Markdown: one row per task and metric, one column per model."""
+    names = [m.name for m in models]
+    header = "| task | metric | n | " + " | ".join(names) + " |"
+    lines = [header, "|" + "---|" * (3 + len(names))]
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    keys = sorted(dict.fromkeys((r["task"], r["metric"], r["kind"]) for r in rows),
+                  key=lambda k: (tasks.index(k[0]), TASK_METRICS[k[2]].index(k[1])))
+    keys = [(task, metric) for task, metric, _ in keys]
+    for task, metric in keys:
+        cells = {r["model"]: r for r in rows if (r["task"], r["metric"]) == (task, metric)}
+        n = next(iter(cells.values()))["n"]
+        lines.append(f"| {task} | {metric} | {n} | " + " | ".join(
+            f"{cells[name]['value']:.4g}" if name in cells else "" for name in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def select_trial(rows: list[dict], models: list[Model], select_by: str, mode: str) -> dict | None:
+    """The trial with the best `select_by` (task/metric) result."""
+    task, _, metric = select_by.partition("/")
+    trials = {m.name: m for m in models if m.name not in ("reference", "train")}
+    scored = [r for r in rows if r["task"] == task and r["metric"] == metric and r["model"] in trials]
+    if not scored:
+        return None
+    best = (max if mode == "max" else min)(scored, key=lambda r: r["value"])
+    model = trials[best["model"]]
+    return {"trial": model.name, "beta": model.beta, "dpop_lambda": model.dpop_lambda, "model": model.path,
+            "select_by": select_by, "mode": mode, "value": best["value"], "n": best["n"]}
+
+
+def dpo_against_dpop(results: list[dict], models: list[dict]) -> list[str]:
+    """Sentences comparing plain DPO (λ = 0) with DPOP (λ > 0) where both were evaluated: the paper's finding, on
+    this run's data."""
+    dpo = [m for m in models if m.get("dpop_lambda") == 0]
+    dpop = [m for m in models if (m.get("dpop_lambda") or 0) > 0]
+    if not dpo or not dpop:
+        return []
+    lines = []
+    value = {(r["model"], r["task"], r["metric"]): r["value"] for r in results}
+    tasks = list(dict.fromkeys((r["task"], r["metric"]) for r in results
+                               if r["metric"] in ("logps/chosen_change", "exact_match", "acc_norm")))
+    for task, metric in tasks:
+        for a in dpo:
+            for b in dpop:
+                if (a["name"], task, metric) in value and (b["name"], task, metric) in value:
+                    lines.append(f"- {task} {metric}: DPO (β {a['beta']:g}, λ 0) {value[(a['name'], task, metric)]:.4g}"
+                                 f" against DPOP (β {b['beta']:g}, λ {b['dpop_lambda']:g}) "
+                                 f"{value[(b['name'], task, metric)]:.4g}"
+                                 + (f"; reference {value[('reference', task, metric)]:.4g}"
+                                    if ("reference", task, metric) in value else ""))
+    return lines

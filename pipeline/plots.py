@@ -1,0 +1,154 @@
+"""Every figure the stages and the report draw, through one helper (`figure`): matplotlib off-screen, the layout
+tightened, the PNG written to a local path or an object-store URI, the figure closed even when drawing fails.
+
+Each function takes plain rows (metrics.jsonl rows, manifest fields, result rows), so the report can redraw any
+figure from storage alone.
+"""
+import contextlib
+import os
+import tempfile
+
+from pipeline import storage
+from pipeline.vocab import LOW_EDIT_DISTANCE
+
+
+@contextlib.contextmanager
+def figure(uri: str, nrows: int = 1, ncols: int = 1, **subplots):
+    """`(fig, axes)` of `plt.subplots(nrows, ncols, **subplots)`, saved as a PNG at `uri` when the block ends."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(nrows, ncols, **subplots)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        with tempfile.TemporaryDirectory() as folder:
+            local = os.path.join(folder, "figure.png")
+            fig.savefig(local, dpi=100)
+            storage.upload_file(local, uri)
+    finally:
+        plt.close(fig)
+
+
+def training_curves(rows: list[dict], uri: str) -> None:
+    """A train run's curves, eval points on top: what a person checks first after a run."""
+    panels = [("loss", "loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin"),
+              ("logps/chosen", "log p(chosen)"), ("logps/rejected", "log p(rejected)"),
+              ("dpop/penalty_active", "share of pairs with chosen below reference")]
+    with figure(uri, 2, 3, figsize=(14, 7)) as (fig, axes):
+        for ax, (key, title) in zip(axes.flat, panels):
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label="train")
+            evals = [r for r in rows if f"eval/{key}" in r]
+            if evals:
+                ax.plot([r["step"] for r in evals], [r[f"eval/{key}"] for r in evals], "o-", label="eval")
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        axes.flat[0].legend()
+
+
+def edit_distance_histograms(frame, uri: str) -> None:
+    """Per source, the token edit distance between chosen and rejected by split, with its median and the low-edit
+    threshold: the profile that tells whether plain DPO is at risk on this data. `frame`: the pairs' source, split
+    and edit_distance columns (pandas)."""
+    sources = sorted(frame.source.unique())
+    with figure(uri, 1, max(1, len(sources)), figsize=(5 * max(1, len(sources)), 3.6), squeeze=False) as (fig, axes):
+        for ax, source in zip(axes[0], sources):
+            part = frame[frame.source == source]
+            top = max(1, int(part.edit_distance.quantile(0.99)))
+            bins = range(0, top + 2, max(1, (top + 1) // 40))
+            for split, g in part.groupby("split"):
+                ax.hist(g.edit_distance.clip(upper=top + 1), bins=bins, alpha=0.6, label=f"{split} ({len(g)})")
+            median = part.edit_distance.median()
+            ax.axvline(median, color="black", linestyle="--", linewidth=1, label=f"median {median:g}")
+            ax.axvline(LOW_EDIT_DISTANCE, color="red", linestyle=":", linewidth=1, label=f"low ({LOW_EDIT_DISTANCE})")
+            ax.set_title(f"{source}: chosen vs rejected")
+            ax.set_xlabel("token edit distance (clipped at p99)")
+            ax.set_ylabel("pairs")
+            ax.legend(fontsize=8)
+
+
+def pair_counts(sources: dict, uri: str) -> None:
+    """Per source: pairs kept (train, eval) and dropped by reason, as stacked bars (the pairs manifest's
+    `sources`)."""
+    names = sorted(sources)
+    reasons = sorted({r for s in sources.values() for r in s["dropped"]})
+    parts = [("train", "kept: train"), ("eval", "kept: eval")] + [(r, f"dropped: {r}") for r in reasons]
+    with figure(uri, figsize=(9, 1.0 + 0.6 * len(names))) as (fig, ax):
+        left = [0] * len(names)
+        for i, (key, label) in enumerate(parts):
+            values = [sources[n][key] if key in ("train", "eval") else sources[n]["dropped"].get(key, 0)
+                      for n in names]
+            ax.barh(names, values, left=left, label=label, color=f"C{i}")
+            left = [a + b for a, b in zip(left, values)]
+        ax.set_xlabel("candidate pairs")
+        ax.set_xscale("symlog")
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5))
+
+
+def sweep_heatmap(rows: list[dict], metric: str, mode: str, uri: str) -> None:
+    """The ranking metric's last value over β × λ, one cell a trial (trials.parquet rows)."""
+    import numpy as np
+
+    betas = sorted({r["beta"] for r in rows})
+    lambdas = sorted({r["dpop_lambda"] for r in rows})
+    grid = np.full((len(lambdas), len(betas)), np.nan)
+    labels = [["failed" for _ in betas] for _ in lambdas]
+    for r in rows:
+        i, j = lambdas.index(r["dpop_lambda"]), betas.index(r["beta"])
+        if r["final_metric"] is not None and r["status"] != "failed":
+            grid[i, j] = r["final_metric"]
+            labels[i][j] = f"{r['final_metric']:.4g}" + ("\n(stopped)" if r["status"] == "stopped_early" else "")
+    with figure(uri, figsize=(1.8 * len(betas) + 3, 1.2 * len(lambdas) + 2)) as (fig, ax):
+        image = ax.imshow(grid, cmap="viridis_r" if mode == "min" else "viridis", aspect="auto")
+        for i in range(len(lambdas)):
+            for j in range(len(betas)):
+                ax.text(j, i, labels[i][j], ha="center", va="center", color="white", fontsize=9,
+                        bbox={"facecolor": "black", "alpha": 0.4, "linewidth": 0})
+        ax.set_xticks(range(len(betas)), [f"{b:g}" for b in betas])
+        ax.set_yticks(range(len(lambdas)), [f"{v:g}" for v in lambdas])
+        ax.set_xlabel("β")
+        ax.set_ylabel("λ")
+        ax.set_title(f"{metric} (last value; {'lower' if mode == 'min' else 'higher'} is better)")
+        fig.colorbar(image, ax=ax)
+
+
+def sweep_logps_chosen(curves: dict[str, list[dict]], uri: str) -> None:
+    """log p(chosen) over steps for every trial ({trial folder: its metrics.jsonl rows})."""
+    with figure(uri, figsize=(9, 5)) as (fig, ax):
+        for name, metrics in sorted(curves.items()):
+            if metrics:
+                ax.plot([m["step"] for m in metrics], [m["logps/chosen"] for m in metrics], label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("log p(chosen), summed over completion tokens")
+        ax.set_title("Chosen log-likelihood per trial: DPO's failure mode is this falling")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+
+
+def eval_results(rows: list[dict], models: list, uri: str) -> None:
+    """One panel per task's headline metric, a bar per model: the picture of 'did it get better'. `models`: the
+    eval stage's models in order (each with name, beta, dpop_lambda)."""
+    headline = {"pairs": "logps/chosen_change", "multiple_choice": "acc_norm", "gsm8k": "exact_match"}
+    panels = list(dict.fromkeys((r["task"], r["kind"]) for r in rows))
+    with figure(uri, 1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False) as (fig, axes):
+        for ax, (task, kind) in zip(axes[0], panels):
+            metric = headline[kind]
+            values = {r["model"]: r["value"] for r in rows if r["task"] == task and r["metric"] == metric}
+            names = [m.name for m in models if m.name in values]
+            ax.bar(range(len(names)), [values[n] for n in names],
+                   color=["gray" if n == "reference" else f"C{i}" for i, n in enumerate(names)])
+            ax.set_xticks(range(len(names)), [_model_label(m) for m in models if m.name in values], rotation=20,
+                          fontsize=8)
+            ax.axhline(0, color="black", linewidth=0.8)
+            ax.set_title(f"{task}: {metric}")
+            ax.grid(axis="y", alpha=0.3)
+
+
+def _model_label(model) -> str:
+    if model.beta is None:
+        return model.name
+    # A trial's folder name starts with its β; "train" has no '-' and stays whole.
+    return f"{model.name.split('-')[0]}\nβ={model.beta:g} λ={model.dpop_lambda:g}"

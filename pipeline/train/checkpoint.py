@@ -1,0 +1,79 @@
+"""The checkpoint manager: what a checkpoint holds, how it is saved and restored.
+
+A checkpoint is a sharded DCP checkpoint of the model and optimizer (every worker writes its own shard files), every
+worker's RNG state, and rank 0's trainer state (step, schedule, data position, early stopping). Ray Train merges
+the workers' folders into one checkpoint and keeps the newest `train.keep_checkpoints` (stage.make_trainer).
+"""
+import json
+import os
+import tempfile
+
+from pipeline.train.metrics import say
+
+TRAINER_STATE = "trainer_state.json"
+
+
+class CheckpointManager:
+    """One worker's side of the run's checkpoints: `save` at a checkpoint step (every worker together: the DCP save
+    is a collective), `restore` at start."""
+
+    def __init__(self, model, optimizer, scheduler, early_stopping, batch_size: int, rank: int):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.early_stopping = early_stopping
+        self.batch_size, self.rank = batch_size, rank
+
+    def save(self, step: int, metrics: dict) -> None:
+        """A sharded DCP checkpoint of model and optimizer, the schedule, the data position and every worker's RNG
+        state, reported to Ray Train with `metrics` (which keeps the newest train.keep_checkpoints)."""
+        import ray.train
+        import torch
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        with tempfile.TemporaryDirectory() as folder:
+            model_state, optim_state = get_state_dict(self.model, self.optimizer)
+            # Every worker writes its own shard files; Ray merges the workers' folders into one checkpoint.
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=folder)
+            torch.save(torch.get_rng_state(), os.path.join(folder, f"rng_state_rank{self.rank}.pt"))
+            if self.rank == 0:
+                with open(os.path.join(folder, TRAINER_STATE), "w") as f:
+                    json.dump({"step": step, "scheduler": self.scheduler.state_dict(),
+                               "pairs_consumed": step * self.batch_size, "epoch": metrics["epoch"],
+                               "early_stopping": self.early_stopping.state_dict() if self.early_stopping else None},
+                              f)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                             checkpoint_dir_name=f"step_{step:06d}")
+
+    def restore(self) -> int:
+        """Load the newest checkpoint Ray Train hands this run (after a crash, a lost worker or a rerun of an
+        unfinished stage) and return its step; 0 when there is none."""
+        import ray.train
+        import torch
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        checkpoint = ray.train.get_checkpoint()
+        if not checkpoint:
+            return 0
+        with checkpoint.as_directory() as folder:
+            model_state, optim_state = get_state_dict(self.model, self.optimizer)
+            state = {"model": model_state, "optim": optim_state}
+            dcp.load(state, checkpoint_id=folder)
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"])
+            with open(os.path.join(folder, TRAINER_STATE)) as f:
+                trainer_state = json.load(f)
+            rng_path = os.path.join(folder, f"rng_state_rank{self.rank}.pt")
+            if os.path.exists(rng_path):  # absent when the worker count changed: a fresh seed is all that is left
+                torch.set_rng_state(torch.load(rng_path))
+        self.scheduler.load_state_dict(trainer_state["scheduler"])
+        if self.early_stopping and trainer_state.get("early_stopping"):
+            self.early_stopping.load_state_dict(trainer_state["early_stopping"])
+        step = trainer_state["step"]
+        if trainer_state["pairs_consumed"] != step * self.batch_size:
+            raise ValueError(f"checkpoint at step {step} consumed {trainer_state['pairs_consumed']} pairs, not "
+                             f"{step} * train.batch_size; it belongs to another configuration")
+        if self.rank == 0:
+            say(f"resuming from step {step} (epoch {trainer_state['epoch']}, {trainer_state['pairs_consumed']} "
+                f"pairs consumed)")
+        return step

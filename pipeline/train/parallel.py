@@ -1,0 +1,136 @@
+"""All parallelism and the sharded policy: FSDP2 `parallelize`, LoRA adapters, loading and saving the policy."""
+import tempfile
+
+from pipeline import storage
+from pipeline.config import Config
+from pipeline.train.metrics import say
+
+
+def parallelize(model, mesh, mixed_precision: bool, activation_checkpointing: bool) -> None:
+    """All parallelism in one place: FSDP2 `fully_shard` on each decoder layer, then on the root.
+
+    Sharding layer by layer lets FSDP2 gather one layer's weights at a time. With `mixed_precision`, compute runs
+    in bf16 while parameters, gradients' reduction and optimizer state stay fp32.
+    """
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if mixed_precision else MixedPrecisionPolicy())
+    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} names no decoder layer class (_no_split_modules); cannot shard it")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def disable_dropout(model) -> None:
+    """Dropout off, as TRL does: with it the policy scores a pair differently from the reference (and from itself)
+    at step 0, and DPOP's one-sided penalty pushes on that noise. Covers nn.Dropout modules and the attention
+    dropout rate that transformers' attention layers keep as a float."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    if isinstance(getattr(model.config, "attention_dropout", None), float):
+        model.config.attention_dropout = 0.0
+
+
+def add_adapters(model, lora):
+    """`model` with peft LoRA adapters (`train.lora`) on its target layers; only the adapters require grad. The
+    base model's weights are untouched, so the policy starts equal to the reference (each B is zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
+    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                            target_modules=targets, bias="none", task_type="CAUSAL_LM"))
+
+
+def load_policy(path: str, trust_remote_code: bool, mesh, device, mixed_precision: bool,
+                activation_checkpointing: bool, lora=None):
+    """The policy, sharded, without any rank but 0 ever holding all of it (as torchtitan and torchtune load).
+
+    Every rank builds the model on the meta device (no memory), shards it (`parallelize`) and allocates only its
+    shard; rank 0 reads the weights and `set_model_state_dict` broadcasts them, each rank keeping its part.
+    Non-persistent buffers (rotary frequencies) are in no state dict: rank 0's, computed at load, are broadcast.
+    Weights load in fp32; bf16 compute comes from FSDP2's mixed-precision policy. Dropout is off. With `lora`,
+    adapters are added on every rank before sharding, and rank 0's freshly initialised ones are broadcast too.
+    """
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    rank = dist.get_rank()
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    disable_dropout(model)
+    if lora:
+        model = add_adapters(model, lora)
+    persistent = set(model.state_dict())
+    parallelize(model, mesh, mixed_precision=mixed_precision, activation_checkpointing=activation_checkpointing)
+    model.to_empty(device=device)
+    full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code) \
+        if rank == 0 else None
+    if full is not None and lora:
+        full = add_adapters(full, lora)
+    set_model_state_dict(model, full.state_dict() if full else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    loaded_buffers = dict(full.named_buffers()) if full else {}
+    for name, buffer in model.named_buffers():
+        if name not in persistent:
+            value = loaded_buffers[name].to(device) if full else torch.empty_like(buffer)
+            dist.broadcast(value, src=0)
+            buffer.copy_(value)
+    return model, config.dtype
+
+
+def save_policy(model, tokenizer, cfg: Config, saved_dtype, out: str) -> None:
+    """Gather the sharded weights (a collective: every worker takes part); rank 0 writes the HF model as model/,
+    in `saved_dtype` (the dtype the model was loaded from). With LoRA: the adapters as adapter/ (peft format), and
+    with train.lora.merge the merged model as model/."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return
+    lora = cfg.train.lora
+    if lora:
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder, state_dict=full_state)  # peft keeps the adapters' entries only
+            storage.upload_dir(folder, storage.join(out, "adapter"))
+        say(f"saved the adapters to {storage.join(out, 'adapter')}")
+        if not lora.merge:
+            return
+        policy = merged_policy(cfg, full_state)
+        full_state = policy.state_dict()
+    else:
+        policy = model
+    full_state = {k: v.to(saved_dtype) for k, v in full_state.items()}
+    with tempfile.TemporaryDirectory() as folder:
+        policy.save_pretrained(folder, state_dict=full_state)
+        tokenizer.save_pretrained(folder)
+        storage.upload_dir(folder, storage.join(out, "model"))
+    say(f"saved the policy to {storage.join(out, 'model')}")
+
+
+def merged_policy(cfg: Config, adapted_state: dict):
+    """The base model with the trained adapters folded into its weights (W + alpha / r * B @ A), on the CPU: a
+    plain transformers model that `from_pretrained` and vLLM load without peft."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=torch.float32,
+                                                trust_remote_code=cfg.model.trust_remote_code)
+    adapted = add_adapters(base, cfg.train.lora)
+    adapted.load_state_dict(adapted_state)
+    return adapted.merge_and_unload()

@@ -1,0 +1,62 @@
+"""The shared vocabulary: stage names, metric names, thresholds and error types.
+
+Every module may import this one and it imports nothing of the package, so the names that stages, the config, the
+runner and the report agree on live in one place, and no module has to import a stage to learn them.
+"""
+from enum import StrEnum
+
+
+class Stage(StrEnum):
+    """The stages, in run order. A member equals its string ("pairs" == Stage.PAIRS), which is also its folder
+    name under {run.storage}/{run.name}/ and its name on the command line."""
+    PAIRS = "pairs"
+    REFERENCE = "reference"
+    TRAIN = "train"
+    TUNE = "tune"
+    EVAL = "eval"
+
+
+STAGE_NAMES = tuple(Stage)
+
+# The per-pair statistics a train run computes on each split: summed on every worker, all-reduced, then divided by
+# the pair count (pipeline.train.loop).
+STAT_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+             "logps/chosen", "logps/rejected", "dpop/penalty", "dpop/penalty_active", "logps/ref_gap")
+# Every metric a train run reports, by the name `tune.metric`, `train.early_stopping.metric` and metrics.jsonl use.
+REPORTED_METRICS = (*STAT_KEYS, *(f"eval/{key}" for key in STAT_KEYS), "learning_rate", "grad_norm",
+                    "epoch", "peak_memory_mb")
+# The metrics the eval stage reports per task kind, by the names results.json and `eval.select_by` use.
+TASK_METRICS = {
+    "pairs": ("acc", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
+              "logps/chosen_change", "logps/rejected_change", "logps/chosen_below_reference"),
+    "multiple_choice": ("acc", "acc_norm"),
+    "gsm8k": ("exact_match", "exact_match_flexible"),
+}
+
+# A policy's chosen log-prob counts as below the reference (train's dpop/penalty_active, eval's
+# logps/chosen_below_reference) only beyond this many nats: the two backends' float rounding (seen: under 1e-5 nats
+# in fp32 on the tiny model, 3.4e-4 on SmolLM2-135M) is not a drop, and would otherwise make a policy identical to
+# the reference look half "active" at step 1.
+BELOW_REFERENCE_NATS = 1e-3
+# Below this median token edit distance between chosen and rejected, plain DPO tends to lower the chosen
+# completion's likelihood (Smaug, Fig. 2 and Sec. 3: pairs that differ in a few tokens); training warns when such
+# data runs with dpop_lambda = 0, and the pairs stage marks it on its histogram.
+LOW_EDIT_DISTANCE = 10
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key."""
+
+
+class PlanError(ValueError):
+    """The requested stages cannot run (unknown stage, upstream output missing or stale, run folder in use, GPUs
+    the cluster lacks); no stage has started."""
+
+
+class StageFailed(RuntimeError):
+    """A stage ran but its output must not be used (every row dropped, too many dropped). `fields` go into a
+    manifest with status `failed`: the drop counts stay on record, and the stage is not done."""
+
+    def __init__(self, message: str, fields: dict):
+        super().__init__(message)
+        self.fields = fields
