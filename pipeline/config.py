@@ -419,10 +419,13 @@ def _message(error: dict) -> str:
     if kind == "finite_number":
         return f"{key}: must be a finite number, got {value!r}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        field = _section_at(path).model_fields[name]
+        item = typing.get_args(field.annotation)[0] if isinstance(loc[-1], int) else field.annotation
+        if float in (item, *typing.get_args(item)) and type(value) is int:
+            value = float(value)  # as the option holds it: `beta: -1` is -1.0
         bounds = error["ctx"]  # the bound broken; a field's own bounds say the whole range: "in [0, 1)"
         if isinstance(loc[-1], str):
-            bounds = {op: getattr(m, op) for m in _section_at(path).model_fields[name].metadata for op in BOUNDS
-                      if hasattr(m, op)}
+            bounds = {op: getattr(m, op) for m in field.metadata for op in BOUNDS if hasattr(m, op)}
         if len(bounds) == 2:
             low, high = bounds.get("gt", bounds.get("ge")), bounds.get("lt", bounds.get("le"))
             rule = f"in {'(' if 'gt' in bounds else '['}{low:g}, {high:g}{')' if 'lt' in bounds else ']'}"

@@ -151,7 +151,7 @@ def test_copy_with_applies_dotted_changes_and_checks_them(tmp_path, base):
     assert (trial.train.beta, trial.train.dpop_lambda, trial.data.sources[0].limit) == (0.2, 0.0, 5)
     assert (cfg.train.beta, cfg.train.dpop_lambda, cfg.data.sources[0].limit) == (0.1, 50.0, None)
     assert trial.run == cfg.run and trial.data.sources[0].path == cfg.data.sources[0].path
-    with pytest.raises(ConfigError, match=r"^train.beta: must be > 0, got -1$"):
+    with pytest.raises(ConfigError, match=r"^train.beta: must be > 0, got -1.0$"):
         cfg.copy_with({"train.beta": -1})
     with pytest.raises(ConfigError, match=r"^unknown key train.bta \(did you mean train.beta\?\)$"):
         cfg.copy_with({"train.bta": 0.2})
