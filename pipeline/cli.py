@@ -2,10 +2,11 @@
 import argparse
 import sys
 
-from pipeline.config import ConfigError, config_warnings, load_config
+from pipeline.config import config_warnings, load_config
 from pipeline.report import write_report
+from pipeline.runner import run_stages, stage_states
 from pipeline.tracking import attach_eval
-from pipeline.runner import STAGE_NAMES, PlanError, StageFailed, run_stages, stage_states
+from pipeline.vocab import STAGE_NAMES, ConfigError, PlanError, StageError, StageFailed
 
 
 def _stage_list(text: str) -> list[str]:
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("config", help="YAML config file")
     run.add_argument("--stages", type=_stage_list, help=f"comma-separated subset of {','.join(STAGE_NAMES)}")
     run.add_argument("--force", type=_stage_list, default=[], help="rerun these stages even if current")
-    status = sub.add_parser("status", help="show each stage: done, stale or missing")
+    status = sub.add_parser("status", help="show each stage: done, stale (and why), missing or failed")
     status.add_argument("config", help="YAML config file")
     report = sub.add_parser("report", help="write report.md (and its PNGs) beside the stages, from storage")
     report.add_argument("config", help="YAML config file")
@@ -30,18 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"dpop: config error: {e}", file=sys.stderr)
-        return 2
-    try:
         if args.command == "status":
+            states = stage_states(cfg)
             print(f"{'stage':<10} {'state':<8} {'rows':>8}  {'reads':<22} path")
-            for row in stage_states(cfg):
+            for row in states:
                 rows = "" if row["rows"] is None else row["rows"]
                 why = f"  ({row['why']})" if row["why"] else ""
                 reads = ",".join(row["reads"]) or "-"
                 print(f"{row['stage']:<10} {row['state']:<8} {rows:>8}  {reads:<22} {row['path']}{why}")
-            return 0
+            return 1 if any(row["state"] == "failed" for row in states) else 0
         if args.command == "report":
             print(f"[dpop] report: {write_report(cfg)}")
             return 0
@@ -60,10 +58,13 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # likewise: a tracking server that is down must not fail a finished run
                 print(f"[dpop] WARNING: adding the eval results to run.trackers failed ({type(e).__name__}: {e}); "
                       f"the next `dpop run` retries it", file=sys.stderr, flush=True)
+    except ConfigError as e:
+        print(f"dpop: config error: {e}", file=sys.stderr)
+        return 2
     except PlanError as e:
         print(f"dpop: {e}", file=sys.stderr)
         return 2
-    except StageFailed as e:
+    except (StageFailed, StageError) as e:
         print(f"dpop: {e}", file=sys.stderr)
         return 1
     return 0

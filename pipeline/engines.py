@@ -9,6 +9,20 @@ import math
 
 from pipeline import storage
 from pipeline.config import Config
+from pipeline.vocab import ConfigError, one_line
+
+
+def check_model(cfg: Config) -> None:
+    """The model's config loads (StageSpec.check of the stages that load the model), before Ray starts."""
+    from transformers import AutoConfig
+
+    path = cfg.model.name_or_path
+    if storage.is_remote(path):
+        return  # read by the engines' own copy (storage.local_dir)
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    except Exception as e:
+        raise ConfigError(f"model.name_or_path: cannot load a model config from {path!r}: {one_line(e)}") from None
 
 
 class VLLMEngine:
@@ -168,10 +182,12 @@ def engine_actor(cfg: Config, model: str, max_length: int, backend: str) -> dict
         engine_kwargs = dict(model=model, dtype=ref.dtype, use_gpu=ref.use_gpu, micro_batch_size=ref.micro_batch_size,
                              trust_remote_code=cfg.model.trust_remote_code)
         runtime_env = None
+    import ray.data
+
     return dict(
         fn_constructor_kwargs={"backend": backend, "engine_kwargs": engine_kwargs},
         batch_format="pyarrow",
-        concurrency=ref.num_actors,
+        compute=ray.data.ActorPoolStrategy(size=ref.num_actors),
         num_gpus=ref.tensor_parallel_size if ref.use_gpu else 0,
         num_cpus=ref.cpus_per_actor,
         runtime_env=runtime_env,

@@ -83,20 +83,32 @@ def hub_folder(name: str, repo_type: str = "model") -> tuple[str, str]:
 
     try:
         folder = snapshot_download(name, repo_type=repo_type, local_files_only=True)
-    except Exception as e:  # not a repo name, or not in the cache (offline): the message says which
+    except Exception:  # not a repo name, or not in the cache (offline): the message says which
         download = f"hf download {name}" + (" --repo-type dataset" if repo_type == "dataset" else "")
         raise ModelNotFound(
             f"{name!r} is {'' if repo_type == 'dataset' else 'not a local folder, and '}not in the local Hugging "
             f"Face cache ({hub_cache()}; HF_HUB_CACHE or HF_HOME move it): on a machine with access, run "
             f"`{download}` with the same cache, or copy its folder {repo_type}s--{name.replace('/', '--')} there"
-            f"{'' if repo_type == 'dataset' else ', or give a local folder'} [{type(e).__name__}]") from None
+            f"{'' if repo_type == 'dataset' else ', or give a local folder'}") from None
     return folder, os.path.basename(folder.rstrip("/"))
+
+
+def looks_local(name_or_path: str) -> bool:
+    """A path the user meant as a folder on this machine, not a hub name: absolute, starting with . or ~, more than
+    one '/', or under a folder that exists here (`models/x` when ./models exists)."""
+    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1:
+        return True
+    parent = os.path.dirname(name_or_path)
+    return bool(parent) and os.path.isdir(parent)
 
 
 def model_folder(name_or_path: str) -> tuple[str, str | None]:
     """The local folder of a model and, for a hub name, the cached snapshot's revision (commit)."""
     if os.path.isdir(name_or_path) or storage.is_remote(name_or_path):
         return name_or_path, None
+    if looks_local(name_or_path):
+        raise ModelNotFound(f"{name_or_path!r} is no folder ({os.path.abspath(os.path.expanduser(name_or_path))}; "
+                            f"a relative path is relative to the current directory, {os.getcwd()})")
     return hub_folder(name_or_path)
 
 

@@ -20,7 +20,7 @@ from pipeline import storage
 from pipeline import plots
 from pipeline.config import Config, EvalSourceSection, SourceSection, source_name
 from pipeline.sources import PARSERS, Drop, RawPair, parse_record
-from pipeline.vocab import StageFailed
+from pipeline.vocab import ConfigError, StageFailed, counts_text, one_line
 
 TOKEN_IDS = pa.list_(pa.int32())
 PAIR_SCHEMA = pa.schema(
@@ -348,6 +348,41 @@ def source_files(path: str) -> tuple[str, list[str]]:
     return kind, files
 
 
+def check_source_files(sources: list[SourceSection] | list[EvalSourceSection], key: str) -> None:
+    """Each file source holds files of one readable kind (source_files), checked in the driver before Ray starts;
+    `key` names the sources' list in the config (data.sources, eval.sources)."""
+    for i, source in enumerate(sources):
+        if source.path.startswith("hf:") or is_saved_hf_dataset(source.path):
+            continue
+        try:
+            source_files(source.path)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"{key}[{i}].path: {e}") from None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def checked_tokenizer(cfg: Config):
+    """The run's tokenizer, loaded as the stages load it; a folder without one, or one that fails to load, is a
+    ConfigError naming the key."""
+    key = "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path"
+    path = cfg.model.tokenizer or cfg.model.name_or_path
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise ConfigError(f"{key}: {path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); set "
+                          f"model.tokenizer to a folder or hub name that has one")
+    try:
+        return load_tokenizer(path, cfg.model.trust_remote_code)
+    except Exception as e:
+        raise ConfigError(f"{key}: cannot load a tokenizer from {path!r}: {one_line(e)}") from None
+
+
+def check_inputs(cfg: Config) -> None:
+    """The pairs stage's checks before Ray starts (StageSpec.check): its data files and its tokenizer."""
+    check_source_files(cfg.data.sources, "data.sources")
+    checked_tokenizer(cfg)
+
+
 def read_source(source: SourceSection | EvalSourceSection, limit: int | None):
     """One source as a Ray Dataset of RECORD_SCHEMA rows (one JSON text per input row), its first `limit` rows
     when set."""
@@ -419,7 +454,7 @@ def build_pairs(cfg: Config, stage) -> dict:
     from ray.data.expressions import col
 
     # Fail here, in the driver, rather than in every Ray task.
-    load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.trust_remote_code)
+    checked_tokenizer(cfg)
 
     parts = []
     for index, source in enumerate(cfg.data.sources):
@@ -460,8 +495,8 @@ def build_pairs(cfg: Config, stage) -> dict:
     # Every candidate (a pair a record yields, or a record dropped whole) is kept or dropped with a reason.
     accounting = {"rows_in": sum(summary.values()), "rows_out": rows, "rows_dropped": sum(dropped.values())}
     assert accounting["rows_in"] == accounting["rows_out"] + accounting["rows_dropped"], accounting
-    print(f"[dpop] pairs: {sum(records_in.values())} records read, {rows} pairs kept ({dict(splits)}), "
-          f"dropped {dict(dropped) or 'none'}", flush=True)
+    print(f"[dpop] pairs: {sum(records_in.values())} records read, {rows} pairs kept ({counts_text(splits)}), "
+          f"dropped {counts_text(dropped)}", flush=True)
     fields = {"rows": rows, "records_in": sum(records_in.values()), **accounting, "splits": dict(splits),
               "dropped": dict(dropped), "drop_examples": dict(examples), "sources": dict(per_source)}
     check_drops(fields, cfg.data.max_dropped_fraction)

@@ -7,9 +7,17 @@ figure from storage alone.
 import contextlib
 import os
 import tempfile
+from typing import NamedTuple
 
 from pipeline import storage
 from pipeline.vocab import LOW_EDIT_DISTANCE
+
+
+def integer_ticks():
+    """A tick locator for step axes: whole steps only."""
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
 
 
 @contextlib.contextmanager
@@ -45,6 +53,7 @@ def training_curves(rows: list[dict], uri: str) -> None:
                 ax.plot([r["step"] for r in evals], [r[f"eval/{key}"] for r in evals], "o-", label="eval")
             ax.set_title(title)
             ax.set_xlabel("step")
+            ax.xaxis.set_major_locator(integer_ticks())
             ax.grid(alpha=0.3)
         axes.flat[0].legend()
 
@@ -71,21 +80,28 @@ def edit_distance_histograms(frame, uri: str) -> None:
 
 
 def pair_counts(sources: dict, uri: str) -> None:
-    """Per source: pairs kept (train, eval) and dropped by reason, as stacked bars (the pairs manifest's
-    `sources`)."""
+    """Per source: pairs kept (train, eval) and candidates dropped by reason, as stacked bars on two linear axes
+    of their own, each segment labelled with its count, so that 2 drops beside 400 pairs are still seen (the
+    pairs manifest's `sources`)."""
     names = sorted(sources)
     reasons = sorted({r for s in sources.values() for r in s["dropped"]})
-    parts = [("train", "kept: train"), ("eval", "kept: eval")] + [(r, f"dropped: {r}") for r in reasons]
-    with figure(uri, figsize=(9, 1.0 + 0.6 * len(names))) as (fig, ax):
-        left = [0] * len(names)
-        for i, (key, label) in enumerate(parts):
-            values = [sources[n][key] if key in ("train", "eval") else sources[n]["dropped"].get(key, 0)
-                      for n in names]
-            ax.barh(names, values, left=left, label=label, color=f"C{i}")
-            left = [a + b for a, b in zip(left, values)]
-        ax.set_xlabel("candidate pairs")
-        ax.set_xscale("symlog")
-        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5))
+    panels = [("kept", [("train", [sources[n]["train"] for n in names]), ("eval", [sources[n]["eval"] for n in names])]),
+              ("dropped", [(r, [sources[n]["dropped"].get(r, 0) for n in names]) for r in reasons])]
+    with figure(uri, 1, 2, figsize=(11, 2.0 + 0.6 * len(names)), sharey=True) as (fig, axes):
+        color = 0
+        for ax, (title, parts) in zip(axes, panels):
+            left = [0] * len(names)
+            for label, values in parts:
+                bars = ax.barh(names, values, left=left, label=label, color=f"C{color}")
+                ax.bar_label(bars, labels=[str(v) if v else "" for v in values], label_type="center", fontsize=8)
+                left = [a + b for a, b in zip(left, values)]
+                color += 1
+            ax.set_title(f"{title}: {sum(left)}" if parts else f"{title}: none")
+            ax.set_xlabel("candidate pairs")
+            ax.xaxis.set_major_locator(integer_ticks())
+            if parts:
+                ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=len(parts),
+                          frameon=False)
 
 
 def sweep_heatmap(rows: list[dict], metric: str, mode: str, uri: str) -> None:
@@ -101,7 +117,7 @@ def sweep_heatmap(rows: list[dict], metric: str, mode: str, uri: str) -> None:
         if r["final_metric"] is not None and r["status"] != "failed":
             grid[i, j] = r["final_metric"]
             labels[i][j] = f"{r['final_metric']:.4g}" + ("\n(stopped)" if r["status"] == "stopped_early" else "")
-    with figure(uri, figsize=(1.8 * len(betas) + 3, 1.2 * len(lambdas) + 2)) as (fig, ax):
+    with figure(uri, figsize=(max(5.5, 1.8 * len(betas) + 3), 1.2 * len(lambdas) + 2)) as (fig, ax):
         image = ax.imshow(grid, cmap="viridis_r" if mode == "min" else "viridis", aspect="auto")
         for i in range(len(lambdas)):
             for j in range(len(betas)):
@@ -111,44 +127,72 @@ def sweep_heatmap(rows: list[dict], metric: str, mode: str, uri: str) -> None:
         ax.set_yticks(range(len(lambdas)), [f"{v:g}" for v in lambdas])
         ax.set_xlabel("β")
         ax.set_ylabel("λ")
-        ax.set_title(f"{metric} (last value; {'lower' if mode == 'min' else 'higher'} is better)")
+        ax.set_title(f"{metric}\n(last value; {'lower' if mode == 'min' else 'higher'} is better)", fontsize=10)
         fig.colorbar(image, ax=ax)
 
 
-def sweep_logps_chosen(curves: dict[str, list[dict]], uri: str) -> None:
-    """log p(chosen) over steps for every trial ({trial folder: its metrics.jsonl rows})."""
+def sweep_logps_chosen(rows: list[dict], curves: dict[str, list[dict]], uri: str) -> None:
+    """log p(chosen) over steps for every trial (trials.parquet rows; {trial folder: its metrics.jsonl rows}), each
+    labelled and coloured by its method as in every other figure."""
+    styles = method_styles([{"name": name, "beta": r["beta"], "dpop_lambda": r["dpop_lambda"]}
+                            for name, r in zip(curves, _trial_rows(rows, curves))])
     with figure(uri, figsize=(9, 5)) as (fig, ax):
-        for name, metrics in sorted(curves.items()):
+        for name, metrics in sorted(curves.items(), key=lambda item: styles[item[0]].order):
             if metrics:
-                ax.plot([m["step"] for m in metrics], [m["logps/chosen"] for m in metrics], label=name)
+                ax.plot([m["step"] for m in metrics], [m["logps/chosen"] for m in metrics],
+                        label=styles[name].label, color=styles[name].color)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(integer_ticks())
         ax.set_ylabel("log p(chosen), summed over completion tokens")
         ax.set_title("Chosen log-likelihood per trial: DPO's failure mode is this falling")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
 
 
+def _trial_rows(rows: list[dict], curves: dict) -> list[dict]:
+    """The trials.parquet row of each folder in `curves` (a folder name ends with its trial id)."""
+    by_id = {r["trial_id"]: r for r in rows}
+    return [by_id[name.rsplit("-", 1)[-1]] for name in curves]
+
+
 def eval_results(rows: list[dict], models: list, uri: str) -> None:
     """One panel per task's headline metric, a bar per model: the picture of 'did it get better'. `models`: the
-    eval stage's models in order (each with name, beta, dpop_lambda)."""
+    eval stage's models in order (each with name, beta, dpop_lambda); every panel gives a model the same colour
+    and label."""
     headline = {"pairs": "logps/chosen_change", "multiple_choice": "acc_norm", "gsm8k": "exact_match"}
+    styles = method_styles([vars(m) for m in models])
     panels = list(dict.fromkeys((r["task"], r["kind"]) for r in rows))
     with figure(uri, 1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False) as (fig, axes):
         for ax, (task, kind) in zip(axes[0], panels):
             metric = headline[kind]
             values = {r["model"]: r["value"] for r in rows if r["task"] == task and r["metric"] == metric}
             names = [m.name for m in models if m.name in values]
-            ax.bar(range(len(names)), [values[n] for n in names],
-                   color=["gray" if n == "reference" else f"C{i}" for i, n in enumerate(names)])
-            ax.set_xticks(range(len(names)), [_model_label(m) for m in models if m.name in values], rotation=20,
-                          fontsize=8)
+            ax.bar(range(len(names)), [values[n] for n in names], color=[styles[n].color for n in names])
+            ax.set_xticks(range(len(names)), [styles[n].label for n in names], rotation=20, fontsize=8)
             ax.axhline(0, color="black", linewidth=0.8)
             ax.set_title(f"{task}: {metric}")
             ax.grid(axis="y", alpha=0.3)
 
 
-def _model_label(model) -> str:
-    if model.beta is None:
-        return model.name
-    # A trial's folder name starts with its β; "train" has no '-' and stays whole.
-    return f"{model.name.split('-')[0]}\nβ={model.beta:g} λ={model.dpop_lambda:g}"
+class Style(NamedTuple):
+    label: str
+    color: str
+    order: int
+
+
+def method_styles(models: list[dict]) -> dict[str, Style]:
+    """Each model's label and colour, the same in every figure of a run: `reference` grey; DPO (λ 0) and DPOP
+    (λ > 0) by their β and λ, in the order of (λ, β), with β in the label only where the models differ in it.
+    `models`: dicts with name, beta, dpop_lambda (beta None: the reference)."""
+    methods = sorted({(m["dpop_lambda"], m["beta"]) for m in models if m.get("beta") is not None})
+    several_betas = len({beta for _, beta in methods}) > 1
+    styles = {}
+    for m in models:
+        if m.get("beta") is None:
+            styles[m["name"]] = Style(m["name"], "gray", -1)
+            continue
+        index = methods.index((m["dpop_lambda"], m["beta"]))
+        name = "DPO" if m["dpop_lambda"] == 0 else "DPOP"
+        beta = f"β {m['beta']:g}, " if several_betas else ""
+        styles[m["name"]] = Style(f"{name} ({beta}λ {m['dpop_lambda']:g})", f"C{index}", index)
+    return styles

@@ -127,6 +127,8 @@ def compute_reference(cfg: Config, stage) -> dict:
         raise StageFailed(f"reference: every one of {wanted.total()} pairs has a non-finite reference log-prob "
                           f"(reference.dtype {cfg.reference.dtype}; a broken model or float16 overflow)", fields)
     means = written.groupby("split")[list(REF_COLUMNS)].mean().round(4).to_dict(orient="index")
-    print(f"[dpop] reference: {len(written)} pairs scored with {cfg.reference.backend}; mean log-probs {means}",
+    shown = "; ".join(f"{split} chosen {m['ref_chosen_logp']:g}, rejected {m['ref_rejected_logp']:g}"
+                      for split, m in means.items())
+    print(f"[dpop] reference: {len(written)} pairs scored with {cfg.reference.backend}; mean log-probs: {shown}",
           flush=True)
     return {**fields, "mean_logps_by_split": means}

@@ -119,10 +119,11 @@ def _tune_section(report: Report, manifest: dict, tune_uri: str) -> None:
     metric = trials[0]["metric"] if trials else ""
     report.add(f"{len(trials)} trials ({', '.join(f'{k} {v}' for k, v in manifest['trials'].items() if v)}), ranked "
                f"by {metric}; {manifest['sweep_seconds']:.0f} s.\n")
-    report.add(_table(["β", "λ", "status", "steps", metric, "logps/chosen", "eval/logps/chosen",
-                       "eval/rewards/accuracies"],
-                      [[t["beta"], t["dpop_lambda"], t["status"], t["steps"], t["final_metric"], t["logps/chosen"],
-                        t.get("eval/logps/chosen"), t.get("eval/rewards/accuracies")]
+    # The ranking metric first, then what the paper watches; a metric that is both is shown once.
+    shown = [m for m in ("logps/chosen", "eval/logps/chosen", "eval/rewards/accuracies") if m != metric]
+    report.add(_table(["β", "λ", "status", "steps", metric, *shown],
+                      [[t["beta"], t["dpop_lambda"], t["status"], t["steps"], t["final_metric"],
+                        *(t.get(m) for m in shown)]
                        for t in sorted(trials, key=lambda t: (t["dpop_lambda"], t["beta"]))]))
     best = manifest.get("best")
     if best:

@@ -20,10 +20,12 @@ from pipeline import storage
 from pipeline.config import Config, fingerprint_view
 from pipeline.fingerprint import ModelNotFound, digest, hub_revisions, model_identity, source_identity
 from pipeline.runlock import RunLock
-from pipeline.vocab import STAGE_NAMES, PlanError, Stage, StageFailed
+from pipeline.vocab import STAGE_NAMES, ConfigError, PlanError, Stage, StageError, StageFailed, one_line
 
 MANIFEST = "_manifest.json"
 STARTED = "_started.json"
+FAILED = "_failed.json"
+ERROR_LOG = "_error.log"
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,11 @@ class StageSpec:
     resumable: bool = False
     """Keep the partial output of an unfinished run of the same fingerprint and upstream output (reference files,
     training checkpoints) instead of clearing it."""
+    ignores: tuple[str, ...] = ()
+    """Dotted keys of its sections that the stage sets itself and never reads: they stay out of its fingerprint."""
+    check: str | None = None
+    """`module:function` taking the config, run before Ray starts: what the stage can find wrong in its inputs
+    without a cluster (unreadable files, a model folder without a tokenizer); raises ConfigError naming the key."""
 
 
 def upstreams(stage: StageSpec, cfg: Config) -> tuple[str, ...]:
@@ -62,17 +69,20 @@ CONTENT = {
 }
 
 STAGES = (
-    StageSpec(Stage.PAIRS, (), ("model", "data"), ("tokenizer", "sources"), "pipeline.pairs:build_pairs"),
+    StageSpec(Stage.PAIRS, (), ("model", "data"), ("tokenizer", "sources"), "pipeline.pairs:build_pairs",
+              check="pipeline.pairs:check_inputs"),
     StageSpec(Stage.REFERENCE, (Stage.PAIRS,), ("model", "reference"), ("model",),
-              "pipeline.reference:compute_reference", resumable=True),
+              "pipeline.reference:compute_reference", resumable=True, check="pipeline.engines:check_model"),
     StageSpec(Stage.TRAIN, (Stage.REFERENCE,), ("model", "train"), ("model", "seed"),
-              "pipeline.train.stage:train_policy", resumable=True),
-    # Reads the same reference output as train, so a sweep never recomputes reference log-probs.
+              "pipeline.train.stage:train_policy", resumable=True, check="pipeline.engines:check_model"),
+    # Reads the same reference output as train, so a sweep never recomputes reference log-probs. Each trial sets
+    # its own β and λ from tune.beta and tune.dpop_lambda.
     StageSpec(Stage.TUNE, (Stage.REFERENCE,), ("model", "train", "tune"), ("model", "seed"), "pipeline.tune:sweep",
-              resumable=True),
+              resumable=True, ignores=("train.beta", "train.dpop_lambda"), check="pipeline.engines:check_model"),
     # The reference stage's held-out pairs and log-probs, and the policies of train and/or tune.
     StageSpec(Stage.EVAL, (Stage.REFERENCE, Stage.TRAIN, Stage.TUNE), ("model", "data", "reference", "eval"),
-              ("model", "eval_sources"), "pipeline.evaluate.stage:evaluate_policies"),
+              ("model", "eval_sources"), "pipeline.evaluate.stage:evaluate_policies",
+              check="pipeline.evaluate.tasks:check_inputs"),
 )
 assert tuple(s.name for s in STAGES) == STAGE_NAMES, "one spec per stage, in run order"
 
@@ -95,6 +105,29 @@ def stage_uri(cfg: Config, name: str) -> str:
     return storage.join(cfg.run.storage, cfg.run.name, name)
 
 
+def stage_config(cfg: Config, stage: StageSpec) -> dict:
+    """The config a stage's output depends on: its sections' fingerprint views, less the keys it ignores."""
+    view = {section: fingerprint_view(getattr(cfg, section)) for section in stage.sections}
+    for key in stage.ignores:
+        section, name = key.split(".")
+        view[section].pop(name)
+    return view
+
+
+def _flat(value, prefix: str = "") -> dict:
+    """{"train": {"beta": 0.1}} -> {"train.beta": 0.1}; lists stay values."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}.{key}" if prefix else key).items()}
+
+
+def changed_keys(recorded: dict, current: dict) -> list[str]:
+    """The dotted keys whose values differ between a manifest's config and the current one, as `key old -> new`."""
+    old, new = _flat(recorded), _flat(current)
+    return [f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(old.keys() | new.keys())
+            if old.get(key) != new.get(key)]
+
+
 def fingerprint_parts(cfg: Config) -> dict[str, dict[str, str]]:
     """Each stage's fingerprint parts: its config, each content it reads, and its upstream's fingerprint."""
     content = {}
@@ -104,8 +137,9 @@ def fingerprint_parts(cfg: Config) -> dict[str, dict[str, str]]:
             try:
                 content[key] = digest(CONTENT[key](cfg))
             except ModelNotFound as e:
-                where = {"sources": "data.sources", "eval_sources": "eval.sources", "tokenizer": "model.tokenizer"}
-                raise PlanError(f"{where.get(key, 'model.name_or_path')}: {e}") from None
+                where = {"sources": "data.sources", "eval_sources": "eval.sources",
+                         "tokenizer": "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path"}
+                raise ConfigError(f"{where.get(key, 'model.name_or_path')}: {e}") from None
         return content[key]
 
     parts: dict[str, dict[str, str]] = {}
@@ -114,17 +148,21 @@ def fingerprint_parts(cfg: Config) -> dict[str, dict[str, str]]:
             continue  # an unconfigured stage (tune) has nothing to fingerprint
         needs = upstreams(stage, cfg)
         parts[stage.name] = {
-            "config": digest({s: fingerprint_view(getattr(cfg, s)) for s in stage.sections}),
+            "config": digest(stage_config(cfg, stage)),
             **{key: read(key) for key in stage.reads},
             "upstream": digest({name: parts[name] for name in needs}) if needs else "",
         }
     return parts
 
 
-def _why_stale(manifest: dict, expected_parts: dict, upstream: dict[str, dict | None]) -> str | None:
-    """None when the manifest is current; else what changed, in words. `upstream`: each upstream's manifest."""
+def _why_stale(manifest: dict, expected_parts: dict, config: dict, upstream: dict[str, dict | None]) -> str | None:
+    """None when the manifest is current; else what changed, in words: the config keys by name, else the part
+    (model, tokenizer, sources, seed, upstream). `config`: the stage's current stage_config; `upstream`: each
+    upstream's manifest."""
     recorded = manifest.get("fingerprint_parts") or {}
     changed = [key for key, value in expected_parts.items() if recorded.get(key) != value]
+    if "config" in changed and "config" in manifest:
+        changed[changed.index("config")] = ", ".join(changed_keys(manifest["config"], config)) or "config"
     if changed:
         return "changed: " + ", ".join(changed)
     inputs = manifest.get("inputs", {})
@@ -148,12 +186,14 @@ def stage_states(cfg: Config, expected: dict | None = None) -> list[dict]:
         if stage.name not in expected:
             state = "off"  # its config section is absent (tune)
         elif manifest is None:
-            state = "missing"
+            failed = storage.read_json(storage.join(uri, FAILED))
+            state, why = ("failed", f"{failed['error']} (traceback: {failed['log']})") if failed else ("missing", None)
         elif manifest.get("status") == "failed":
             state, why = "failed", manifest.get("error")
         else:
             needs = upstreams(stage, cfg)
-            why = _why_stale(manifest, expected[stage.name], {name: manifests[name] for name in needs})
+            why = _why_stale(manifest, expected[stage.name], stage_config(cfg, stage),
+                             {name: manifests[name] for name in needs})
             stale_upstream = [name for name in needs if states.get(name) == "stale"]
             if not why and stale_upstream:
                 why = f"{stale_upstream[0]} is stale"  # built on output that is itself out of date
@@ -178,6 +218,7 @@ def _versions() -> dict[str, str]:
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), else start a local one with `num_cpus` logical CPUs."""
     import ray
+    import ray.data
 
     if ray.is_initialized():
         return
@@ -186,7 +227,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address)
     else:
         ray.init(num_cpus=num_cpus)
-    print(f"[dpop] Ray cluster resources: {ray.cluster_resources()}", flush=True)
+    # Ray Data cuts a long chain of operators' names in its progress lines, and warns that it did; show them whole.
+    ray.data.DataContext.get_current().enable_progress_bar_name_truncation = False
+    resources = ray.cluster_resources()
+    print(f"[dpop] Ray cluster: {len(ray.nodes())} node(s), {resources.get('CPU', 0):g} CPUs, "
+          f"{resources.get('GPU', 0):g} GPUs", flush=True)
 
 
 def _check_requested(cfg: Config, only: list[str] | None, force: list[str]) -> list[str]:
@@ -199,6 +244,13 @@ def _check_requested(cfg: Config, only: list[str] | None, force: list[str]) -> l
     for name in [*(only or []), *force]:
         if name not in configured:
             raise PlanError(f"stage {name} needs a `{name}` section in the config")
+    if only is not None and not only:
+        raise PlanError(f"--stages: names no stage; give one or more of {', '.join(configured)}, or leave it out "
+                        f"to run them all")
+    for name in force:
+        if only and name not in only:
+            raise PlanError(f"--force {name}: not among --stages {','.join(only)}; add it to --stages or leave "
+                            f"--force {name} out")
     return configured
 
 
@@ -249,6 +301,14 @@ def check_gpus(cfg: Config, stages: list[StageSpec]) -> None:
                             f"{key}=false to run on CPUs, or join a cluster with GPUs (run.ray_address)")
 
 
+def check_inputs(cfg: Config, stages: list[StageSpec]) -> None:
+    """Each planned stage's own checks of its inputs (StageSpec.check), before Ray starts: a bad file or model
+    fails in seconds with the key named, not minutes later inside a Ray task."""
+    for check in dict.fromkeys(stage.check for stage in stages if stage.check):
+        module, function = check.split(":")
+        getattr(importlib.import_module(module), function)(cfg)
+
+
 def run_stages(cfg: Config, only: list[str] | None = None, force: list[str] = ()) -> dict[str, dict]:
     """Run the planned stages in order, holding the run folder's lock; returns each run stage's manifest."""
     _check_requested(cfg, only, list(force))
@@ -256,6 +316,7 @@ def run_stages(cfg: Config, only: list[str] | None = None, force: list[str] = ()
     steps = plan(cfg, only, list(force), expected_parts)
     if not steps:
         return {}
+    check_inputs(cfg, [stage for stage, _ in steps])
     with RunLock(storage.join(cfg.run.storage, cfg.run.name)):
         init_ray(cfg.run.ray_address, cfg.run.num_cpus)
         check_gpus(cfg, [stage for stage, _ in steps])
@@ -278,6 +339,9 @@ def _run_steps(cfg: Config, steps: list[tuple[StageSpec, str]], expected_parts: 
         if not resuming:
             storage.clear_dir(out)
             storage.write_json(marker_uri, marker)
+        for name in (FAILED, ERROR_LOG):  # a resumed stage's earlier failure is history, not its state
+            if storage.exists(storage.join(out, name)):
+                storage.delete_file(storage.join(out, name))
         print(f"[dpop] {stage.name}: {'resuming' if resuming else 'running'} ({reason}) -> {out}", flush=True)
         module, function = stage.entry.split(":")
         entry = getattr(importlib.import_module(module), function)
@@ -293,13 +357,15 @@ def _run_steps(cfg: Config, steps: list[tuple[StageSpec, str]], expected_parts: 
             fields, error = entry(cfg, context), None
         except StageFailed as failure:
             fields, error = {**failure.fields, "status": "failed", "error": str(failure)}, failure
+        except Exception as e:
+            raise _record_failure(stage.name, out, fingerprint, e) from e
         manifest = {
             "stage": stage.name,
             "run_id": uuid.uuid4().hex,
             "fingerprint": fingerprint,
             "fingerprint_parts": expected_parts[stage.name],
             "inputs": inputs,
-            "config": {s: fingerprint_view(getattr(cfg, s)) for s in stage.sections},
+            "config": stage_config(cfg, stage),
             "hub_revisions": hub_revisions(cfg, stage.reads),
             "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
             "finished_at": datetime.now(timezone.utc).isoformat(),
@@ -313,3 +379,17 @@ def _run_steps(cfg: Config, steps: list[tuple[StageSpec, str]], expected_parts: 
         manifests[stage.name] = manifest
         print(f"[dpop] {stage.name}: done in {manifest['seconds']:.1f}s, rows {manifest.get('rows')}", flush=True)
     return manifests
+
+
+def _record_failure(name: str, out: str, fingerprint: str, error: Exception) -> StageError:
+    """Put a stage's error on record, `_error.log` (the traceback) and `_failed.json` (what and when: `dpop status`
+    shows the stage as failed), and return it as one line that names the stage, the error and the log."""
+    import traceback
+
+    log = storage.join(out, ERROR_LOG)
+    storage.write_text(log, "".join(traceback.format_exception(error)))
+    summary = one_line(error)
+    storage.write_json(storage.join(out, FAILED), {"stage": name, "error": summary, "log": log,
+                                                   "fingerprint": fingerprint,
+                                                   "failed_at": datetime.now(timezone.utc).isoformat()})
+    return StageError(f"stage {name} failed: {summary}; the traceback is in {log}")

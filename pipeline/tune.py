@@ -216,11 +216,13 @@ def sweep(cfg: Config, stage) -> dict:
             param_space=param_space,
             tune_config=tune.TuneConfig(metric=tc.metric, mode=tc.mode, search_alg=search_alg, scheduler=scheduler,
                                         num_samples=tc.num_samples, max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(name=f"ray-{stage.fingerprint}", storage_path=stage.out,
+            # verbose=0: no trial tables on stdout; the workers' [dpop] lines show each step, ours each result.
+            run_config=tune.RunConfig(name=f"ray-{stage.fingerprint}", storage_path=stage.out, verbose=0,
                                       callbacks=[release_stopped_trial_resources()],
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
         )
-    print(f"[dpop] tune: β {tc.beta} × λ {tc.dpop_lambda} ({tc.search}, {tc.num_samples} sample(s)), up to "
+    print(f"[dpop] tune: β {', '.join(f'{b:g}' for b in tc.beta)} × λ {', '.join(f'{v:g}' for v in tc.dpop_lambda)} "
+          f"({tc.search}, {tc.num_samples} sample(s)), up to "
           f"{concurrency} trial(s) at once, each with {cfg.train.num_workers} train worker(s)", flush=True)
     started = time.time()
     results = tuner.fit()
@@ -230,7 +232,7 @@ def sweep(cfg: Config, stage) -> dict:
     best = best_trial(rows, tc.mode)
     storage.write_parquet(pa.Table.from_pylist(rows), storage.join(stage.out, "trials.parquet"))
     plots.sweep_heatmap(rows, tc.metric, tc.mode, storage.join(stage.out, "heatmap.png"))
-    plots.sweep_logps_chosen(curves, storage.join(stage.out, "logps_chosen.png"))
+    plots.sweep_logps_chosen(rows, curves, storage.join(stage.out, "logps_chosen.png"))
     best_json = None
     if best:
         best_json = {"beta": best["beta"], "dpop_lambda": best["dpop_lambda"], "metric": tc.metric, "mode": tc.mode,

@@ -3,6 +3,7 @@
 Every module may import this one and it imports nothing of the package, so the names that stages, the config, the
 runner and the report agree on live in one place, and no module has to import a stage to learn them.
 """
+import re
 from enum import StrEnum
 
 
@@ -60,3 +61,26 @@ class StageFailed(RuntimeError):
     def __init__(self, message: str, fields: dict):
         super().__init__(message)
         self.fields = fields
+
+
+class StageError(RuntimeError):
+    """A stage raised: its folder holds `_failed.json` (the error, when) and `_error.log` (the traceback), and the
+    message is one line that names the stage, the error and the log."""
+
+
+def one_line(error: BaseException, limit: int = 600) -> str:
+    """An error as one line: the innermost cause (a Ray task's error wraps the user's, whose message is the useful
+    part), its type and message, terminal colours and line breaks removed."""
+    seen = {id(error)}
+    while (inner := getattr(error, "cause", None) or error.__cause__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        error = inner
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split())
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def counts_text(counts: dict, empty: str = "none") -> str:
+    """{"train": 433, "eval": 47} -> "train 433, eval 47": counts in a progress line, in words."""
+    return ", ".join(f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}"
+                     for key, value in counts.items()) or empty

@@ -260,10 +260,14 @@ def test_a_stage_that_keeps_nothing_fails_with_its_drops_on_record(tmp_path, tin
     bad = write_jsonl(tmp_path / "bad.jsonl", ["{nope"] * 4 + [{"prompt": "p", "chosen": "c"}] * 2)
     config = _pairs_config(tmp_path, tiny_model, [{"path": bad, "format": "pairwise"}])
     assert main(["run", config, "--stages", "pairs"]) == 1
-    assert "every one of 6 candidate pairs was dropped; top reasons: malformed_row 4" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "every one of 6 candidate pairs was dropped; top reasons: malformed_row 4" in captured.err
+    # Progress lines in words and numbers, not Python dicts.
+    assert "[dpop] pairs: 6 records read, 0 pairs kept (none), dropped malformed_row 4, missing_field 2" in captured.out
+    assert not [line for line in captured.out.splitlines() if line.startswith("[dpop]") and "{" in line]
     manifest = json.loads((tmp_path / "runs" / "bad" / "pairs" / "_manifest.json").read_text())
     assert manifest["status"] == "failed" and manifest["dropped"] == {"malformed_row": 4, "missing_field": 2}
-    assert main(["status", config]) == 0
+    assert main(["status", config]) == 1  # a failed stage: status says so in its exit status too
     assert "pairs      failed" in capsys.readouterr().out  # not done: nothing downstream may use it
 
 

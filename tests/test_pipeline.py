@@ -282,6 +282,10 @@ def test_changing_beta_makes_only_train_stale(demo, capsys):
     assert main(["status", config, "--set", "train.beta=0.2"]) == 0
     status = capsys.readouterr().out
     assert "pairs      done" in status and "reference  done" in status and "train      stale" in status
+    # status names the key that made the stage stale, with its recorded and its new value.
+    assert "(changed: train.beta 0.1 -> 0.2)" in status
+    assert main(["status", config, "--set", "train.max_steps=3", "--set", "train.warmup_steps=1"]) == 0
+    assert "(changed: train.max_steps 12 -> 3, train.warmup_steps 3 -> 1)" in capsys.readouterr().out
     # A stage whose upstream is stale cannot run alone: the error names both, before any work.
     assert main(["run", config, "--stages", "train", "--set", "data.max_length=100"]) == 2
     assert "stage train needs reference, which is stale" in capsys.readouterr().err

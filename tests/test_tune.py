@@ -101,6 +101,16 @@ def test_eval_scores_every_finished_trial_and_picks_the_best_by_a_benchmark(swee
     assert ("DPO (β" in report) == (lambdas >= {0.0, 50.0})
 
 
+def test_train_beta_and_lambda_leave_the_sweep_current(sweep, capsys):
+    """Every trial takes its β and λ from tune.beta and tune.dpop_lambda: train.beta and train.dpop_lambda are not
+    what the tune stage reads, and other train keys are."""
+    config, _, _ = sweep
+    assert main(["status", config, "--set", "train.beta=0.3", "--set", "train.dpop_lambda=5"]) == 0
+    assert "tune       done" in capsys.readouterr().out
+    assert main(["status", config, "--set", "train.learning_rate=0.5"]) == 0
+    assert "tune       stale" in capsys.readouterr().out
+
+
 def test_unfinished_sweep_keeps_its_finished_trials(sweep):
     """Without its manifest (as after a crash) the stage restores the Tune experiment instead of starting over."""
     config, run_dir, _ = sweep

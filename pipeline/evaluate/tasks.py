@@ -9,8 +9,9 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 from pipeline import storage
 from pipeline.config import Config, EvalSourceSection, eval_task_names
 from pipeline.evaluate.metrics import strict_answer
-from pipeline.pairs import read_source
+from pipeline.pairs import check_source_files, checked_tokenizer, read_source
 from pipeline.sources import Drop, answer_index, multiple_choice_fields, parse_record
+from pipeline.vocab import counts_text
 
 REQUEST_SCHEMA = pa.schema([
     ("request_id", pa.int64()), ("kind", pa.string()), ("prompt_ids", pa.list_(pa.int32())),
@@ -152,6 +153,12 @@ def pairs_task(task: Task, pairs: pa.Table, requests: Requests, max_length: int)
                                         requests.loglik(row["prompt_ids"], row["rejected_ids"])]})
 
 
+def check_inputs(cfg: Config) -> None:
+    """The eval stage's checks before Ray starts (StageSpec.check): its benchmark files and the tokenizer."""
+    check_source_files(cfg.eval.sources, "eval.sources")
+    checked_tokenizer(cfg)
+
+
 def read_records(source: EvalSourceSection) -> tuple[list[tuple[str, dict]], Counter, dict]:
     """An eval source's rows in file order (few-shot examples are its first rows), with read drops counted."""
     import ray
@@ -194,8 +201,8 @@ def build_tasks(cfg: Config, reference_uri: str, tokenizer) -> tuple[list[Task],
     for task in tasks:
         assert task.rows_in == len(task.items) + task.dropped.total(), (task.name, task.rows_in)
         print(f"[dpop] eval: {task.name} ({task.kind}): {len(task.items)} items"
-              + (f", dropped {dict(task.dropped)}" if task.dropped else ""), flush=True)
+              + (f", dropped {counts_text(task.dropped)}" if task.dropped else ""), flush=True)
         if not task.items:
             raise ValueError(f"eval: task {task.name} has no item to evaluate (read {task.rows_in}, dropped "
-                             f"{dict(task.dropped)}; e.g. {next(iter(task.drop_examples.values()), '')})")
+                             f"{counts_text(task.dropped)}; e.g. {next(iter(task.drop_examples.values()), '')})")
     return tasks, requests
