@@ -9,6 +9,7 @@ import math
 
 from pipeline import storage
 from pipeline.config import Config
+from pipeline.fingerprint import model_folder
 from pipeline.vocab import ConfigError, one_line
 
 
@@ -20,7 +21,8 @@ def check_model(cfg: Config) -> None:
     if storage.is_remote(path):
         return  # read by the engines' own copy (storage.local_dir)
     try:
-        AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+        # A hub name is read from its cached snapshot (the fingerprint found it there): no request to the hub.
+        AutoConfig.from_pretrained(model_folder(path)[0], trust_remote_code=cfg.model.trust_remote_code)
     except Exception as e:
         raise ConfigError(f"model.name_or_path: cannot load a model config from {path!r}: {one_line(e)}") from None
 

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 # Rows of the output head's input scored at once: the (chunk, vocabulary) fp32 logits are the largest tensor.
 HEAD_CHUNK = 1024
-LAYOUTS = ("packed", "padded")
 
 Group = tuple[list[int], list[list[int]]]
 """A prompt's token ids and the token ids of each completion scored after it."""

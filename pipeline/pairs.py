@@ -366,9 +366,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 def checked_tokenizer(cfg: Config):
     """The run's tokenizer, loaded as the stages load it; a folder without one, or one that fails to load, is a
     ConfigError naming the key."""
+    from pipeline.fingerprint import model_folder
+
     key = "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path"
     path = cfg.model.tokenizer or cfg.model.name_or_path
-    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+    folder = path if storage.is_remote(path) else model_folder(path)[0]  # a hub name: its cached snapshot
+    if os.path.isdir(folder) and not any(os.path.exists(os.path.join(folder, f)) for f in TOKENIZER_FILES):
         raise ConfigError(f"{key}: {path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); set "
                           f"model.tokenizer to a folder or hub name that has one")
     try:

@@ -10,6 +10,7 @@ import tempfile
 from typing import NamedTuple
 
 from pipeline import storage
+from pipeline.config import Config
 from pipeline.vocab import LOW_EDIT_DISTANCE
 
 
@@ -131,11 +132,11 @@ def sweep_heatmap(rows: list[dict], metric: str, mode: str, uri: str) -> None:
         fig.colorbar(image, ax=ax)
 
 
-def sweep_logps_chosen(rows: list[dict], curves: dict[str, list[dict]], uri: str) -> None:
+def sweep_logps_chosen(rows: list[dict], curves: dict[str, list[dict]], methods: list, uri: str) -> None:
     """log p(chosen) over steps for every trial (trials.parquet rows; {trial folder: its metrics.jsonl rows}), each
-    labelled and coloured by its method as in every other figure."""
+    labelled and coloured by its method as in every other figure (`methods`: run_methods)."""
     styles = method_styles([{"name": name, "beta": r["beta"], "dpop_lambda": r["dpop_lambda"]}
-                            for name, r in zip(curves, _trial_rows(rows, curves))])
+                            for name, r in zip(curves, _trial_rows(rows, curves))], methods)
     with figure(uri, figsize=(9, 5)) as (fig, ax):
         for name, metrics in sorted(curves.items(), key=lambda item: styles[item[0]].order):
             if metrics:
@@ -155,12 +156,12 @@ def _trial_rows(rows: list[dict], curves: dict) -> list[dict]:
     return [by_id[name.rsplit("-", 1)[-1]] for name in curves]
 
 
-def eval_results(rows: list[dict], models: list, uri: str) -> None:
+def eval_results(rows: list[dict], models: list, methods: list, uri: str) -> None:
     """One panel per task's headline metric, a bar per model: the picture of 'did it get better'. `models`: the
     eval stage's models in order (each with name, beta, dpop_lambda); every panel gives a model the same colour
-    and label."""
+    and label as every other figure of the run (`methods`: run_methods)."""
     headline = {"pairs": "logps/chosen_change", "multiple_choice": "acc_norm", "gsm8k": "exact_match"}
-    styles = method_styles([vars(m) for m in models])
+    styles = method_styles([vars(m) for m in models], methods)
     panels = list(dict.fromkeys((r["task"], r["kind"]) for r in rows))
     with figure(uri, 1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False) as (fig, axes):
         for ax, (task, kind) in zip(axes[0], panels):
@@ -180,11 +181,20 @@ class Style(NamedTuple):
     order: int
 
 
-def method_styles(models: list[dict]) -> dict[str, Style]:
-    """Each model's label and colour, the same in every figure of a run: `reference` grey; DPO (λ 0) and DPOP
-    (λ > 0) by their β and λ, in the order of (λ, β), with β in the label only where the models differ in it.
-    `models`: dicts with name, beta, dpop_lambda (beta None: the reference)."""
-    methods = sorted({(m["dpop_lambda"], m["beta"]) for m in models if m.get("beta") is not None})
+def run_methods(cfg: Config) -> list[tuple[float, float]]:
+    """Every (λ, β) a run trains, sorted: the sweep's grid, and train's own where it is trained without a sweep or
+    evaluated. Every figure of the run numbers its methods from this one list, so a method keeps its colour even
+    in a figure where another method is missing (a trial that ASHA stopped)."""
+    methods = {(v, b) for v in cfg.tune.dpop_lambda for b in cfg.tune.beta} if cfg.tune else set()
+    if cfg.tune is None or (cfg.eval is not None and "train" in cfg.eval.policies):
+        methods.add((cfg.train.dpop_lambda, cfg.train.beta))
+    return sorted(methods)
+
+
+def method_styles(models: list[dict], methods: list[tuple[float, float]]) -> dict[str, Style]:
+    """Each model's label and colour: `reference` grey; DPO (λ 0) and DPOP (λ > 0) coloured by the place of their
+    (λ, β) in `methods` (run_methods), with β in the label only where the run's methods differ in it, and `train:`
+    before the train stage's policy. `models`: dicts with name, beta, dpop_lambda (beta None: the reference)."""
     several_betas = len({beta for _, beta in methods}) > 1
     styles = {}
     for m in models:
@@ -194,5 +204,6 @@ def method_styles(models: list[dict]) -> dict[str, Style]:
         index = methods.index((m["dpop_lambda"], m["beta"]))
         name = "DPO" if m["dpop_lambda"] == 0 else "DPOP"
         beta = f"β {m['beta']:g}, " if several_betas else ""
-        styles[m["name"]] = Style(f"{name} ({beta}λ {m['dpop_lambda']:g})", f"C{index}", index)
+        stage = "train: " if m["name"] == "train" else ""
+        styles[m["name"]] = Style(f"{stage}{name} ({beta}λ {m['dpop_lambda']:g})", f"C{index}", index)
     return styles

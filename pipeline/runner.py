@@ -115,7 +115,9 @@ def stage_config(cfg: Config, stage: StageSpec) -> dict:
 
 
 def _flat(value, prefix: str = "") -> dict:
-    """{"train": {"beta": 0.1}} -> {"train.beta": 0.1}; lists stay values."""
+    """{"data": {"sources": [{"limit": 5}]}} -> {"data.sources[0].limit": 5}; lists of values stay values."""
+    if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+        return {k: v for i, item in enumerate(value) for k, v in _flat(item, f"{prefix}[{i}]").items()}
     if not isinstance(value, dict):
         return {prefix: value}
     return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}.{key}" if prefix else key).items()}
@@ -335,7 +337,8 @@ def _run_steps(cfg: Config, steps: list[tuple[StageSpec, str]], expected_parts: 
                   for name, m in upstream_manifests.items()}
         # Written first: partial output is resumed only by a run of the same stage on the same upstream output.
         marker_uri, marker = storage.join(out, STARTED), {"fingerprint": fingerprint, "inputs": inputs}
-        resuming = stage.resumable and reason == "missing" and storage.read_json(marker_uri) == marker
+        # A stage that stopped (killed, or failed on an error) without a current manifest keeps what it finished.
+        resuming = stage.resumable and reason in ("missing", "failed") and storage.read_json(marker_uri) == marker
         if not resuming:
             storage.clear_dir(out)
             storage.write_json(marker_uri, marker)

@@ -12,7 +12,6 @@ train outputs: metrics.jsonl, checkpoints, model/).
 """
 import math
 import os
-import re
 import time
 
 import pyarrow as pa
@@ -23,7 +22,7 @@ from pipeline.tracking import run_params
 from pipeline.train.data import load_pairs
 from pipeline.train.metrics import read_metrics
 from pipeline.train.stage import make_trainer
-from pipeline.vocab import Stage
+from pipeline.vocab import Stage, one_line
 
 TRIAL_DRIVER_CPUS = 0.1  # a trial's own process only waits on its TorchTrainer; its workers hold the real CPUs
 
@@ -111,13 +110,6 @@ def _concurrency(cfg: Config) -> int:
     return min(fits, cfg.tune.max_concurrent_trials or fits)
 
 
-def error_text(error: Exception, limit: int = 2000) -> str:
-    """A trial's error without terminal colours, keeping its end: Ray puts the remote traceback first and the
-    exception's own message last."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(error).__name__}: {error}").strip()
-    return text if len(text) <= limit else "..." + text[-limit:]
-
-
 def _latest_checkpoint(trial_out: str) -> str | None:
     import pyarrow.fs as pafs
 
@@ -153,7 +145,7 @@ def trial_table(results, cfg: Config, out: str) -> tuple[list[dict], dict[str, l
             "beta": beta,
             "dpop_lambda": dpop_lambda,
             "status": status,
-            "error": error_text(result.error) if result.error else None,
+            "error": one_line(result.error, limit=2000) if result.error else None,
             "steps": final.get("step", 0),
             "metric": tc.metric,
             "final_metric": values[-1] if values else None,
@@ -198,7 +190,7 @@ def sweep(cfg: Config, stage) -> dict:
         raise ValueError(f"tune.metric: {tc.metric!r} needs an eval split of at least train.num_workers = "
                          f"{cfg.train.num_workers} pairs, and the reference stage has {info['eval_rows']}; raise "
                          f"data.eval_fraction or rank by a train metric")
-    print(f"[dpop] tune: {info['train_rows']} train / {info['eval_rows']} eval pairs from {stage.inputs['reference']}, "
+    print(f"[dpop] tune: {info['train_rows']} train / {info['eval_rows']} eval pairs from {stage.inputs[Stage.REFERENCE]}, "
           f"shared by every trial", flush=True)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, cfg=cfg, out=stage.out,
@@ -232,7 +224,7 @@ def sweep(cfg: Config, stage) -> dict:
     best = best_trial(rows, tc.mode)
     storage.write_parquet(pa.Table.from_pylist(rows), storage.join(stage.out, "trials.parquet"))
     plots.sweep_heatmap(rows, tc.metric, tc.mode, storage.join(stage.out, "heatmap.png"))
-    plots.sweep_logps_chosen(rows, curves, storage.join(stage.out, "logps_chosen.png"))
+    plots.sweep_logps_chosen(rows, curves, plots.run_methods(cfg), storage.join(stage.out, "logps_chosen.png"))
     best_json = None
     if best:
         best_json = {"beta": best["beta"], "dpop_lambda": best["dpop_lambda"], "metric": tc.metric, "mode": tc.mode,
@@ -244,7 +236,7 @@ def sweep(cfg: Config, stage) -> dict:
     for r in sorted(rows, key=lambda r: (r["beta"], r["dpop_lambda"])):
         shown = "" if r["final_metric"] is None else f" {tc.metric} {r['final_metric']:.4g}"
         print(f"[dpop] tune: β={r['beta']:g} λ={r['dpop_lambda']:g} {r['status']} at step {r['steps']}{shown}"
-              + (f" ({r['error'].splitlines()[-1][:200]})" if r["error"] else ""), flush=True)
+              + (f" ({r['error'][-200:]})" if r["error"] else ""), flush=True)
     if best_json:
         print(f"[dpop] tune: best β={best['beta']:g} λ={best['dpop_lambda']:g} {tc.metric} {best['final_metric']:.4g}",
               flush=True)

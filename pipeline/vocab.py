@@ -70,14 +70,15 @@ class StageError(RuntimeError):
 
 def one_line(error: BaseException, limit: int = 600) -> str:
     """An error as one line: the innermost cause (a Ray task's error wraps the user's, whose message is the useful
-    part), its type and message, terminal colours and line breaks removed."""
+    part), its type and message, terminal colours and line breaks removed. Past `limit` characters its end is kept:
+    where Ray puts a remote traceback first, the exception's own message comes last."""
     seen = {id(error)}
     while (inner := getattr(error, "cause", None) or error.__cause__) is not None and id(inner) not in seen:
         seen.add(id(inner))
         error = inner
     text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split())
     text = f"{type(error).__name__}: {text}" if text else type(error).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else "..." + text[-(limit - 3):]
 
 
 def counts_text(counts: dict, empty: str = "none") -> str:

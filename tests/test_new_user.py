@@ -121,6 +121,34 @@ def test_a_stage_error_is_one_line_with_its_traceback_on_record(tmp_path, raw, r
     assert line.split()[1] == "failed" and str(log) in line
 
 
+def test_a_resumable_stage_that_failed_keeps_what_it_finished(tmp_path, raw, ray_cluster, monkeypatch):
+    """A reference pass that fails on an error hours in (an actor out of memory) keeps its finished files: the
+    rerun resumes, as after a kill, and clears the failure record."""
+    from pipeline import reference
+
+    config = write_config(tmp_path / "c.yaml", raw)
+    assert main(["run", config, "--stages", "pairs"]) == 0
+    out = tmp_path / "runs" / "t" / "reference"
+
+    def fails_after_one_file(cfg, stage):
+        (out / "part-0.parquet").write_text("a finished file")
+        raise MemoryError("the actor ran out of memory")
+
+    seen = {}
+
+    def resumes(cfg, stage):
+        seen.update(resuming=stage.resuming, kept=(out / "part-0.parquet").exists(),
+                    failure_record=(out / "_failed.json").exists() or (out / "_error.log").exists())
+        return {"rows": 0}
+
+    monkeypatch.setattr(reference, "compute_reference", fails_after_one_file)
+    assert main(["run", config, "--stages", "reference"]) == 1
+    assert (out / "_failed.json").exists()
+    monkeypatch.setattr(reference, "compute_reference", resumes)
+    assert main(["run", config, "--stages", "reference"]) == 0
+    assert seen == {"resuming": True, "kept": True, "failure_record": False}
+
+
 def test_engine_pools_use_rays_current_api(tmp_path, raw, ray_cluster, monkeypatch):
     """`map_batches(concurrency=...)` is deprecated in Ray 2.51: the pools ask for an ActorPoolStrategy, and no
     logger reports a deprecation for our call."""
@@ -151,19 +179,30 @@ def test_progress_lines_are_words():
     assert counts_text({}) == "none"
 
 
-def test_one_colour_and_label_per_method_in_every_figure():
-    from pipeline.plots import method_styles
+def test_one_colour_and_label_per_method_in_every_figure(tmp_path, raw):
+    """Each figure numbers the run's methods from one list: DPOP keeps its colour where DPO is missing (a trial
+    ASHA stopped has no model to evaluate), and the labels are the method and its λ (β where the run varies it)."""
+    from pipeline.config import load_config
+    from pipeline.plots import method_styles, run_methods
 
-    trials = [{"name": "beta_0.1-lambda_50-a_00001", "beta": 0.1, "dpop_lambda": 50.0},
-              {"name": "beta_0.1-lambda_0-a_00000", "beta": 0.1, "dpop_lambda": 0.0}]
-    with_reference = method_styles([{"name": "reference", "beta": None, "dpop_lambda": None}, *trials])
-    sweep_only = method_styles(list(reversed(trials)))
-    for styles in (with_reference, sweep_only):
-        assert styles["beta_0.1-lambda_0-a_00000"][:2] == ("DPO (λ 0)", "C0")
-        assert styles["beta_0.1-lambda_50-a_00001"][:2] == ("DPOP (λ 50)", "C1")
-    assert with_reference["reference"][:2] == ("reference", "gray")
-    several = method_styles([*trials, {"name": "b", "beta": 0.5, "dpop_lambda": 50.0}])
-    assert several["b"].label == "DPOP (β 0.5, λ 50)" and several["beta_0.1-lambda_0-a_00000"].label == "DPO (β 0.1, λ 0)"
+    raw["tune"] = {"beta": [0.1], "dpop_lambda": [0.0, 50.0]}
+    raw["eval"] = {"policies": ["tune"], "max_length": 256}
+    methods = run_methods(load_config(write_config(tmp_path / "c.yaml", raw)))
+    assert methods == [(0.0, 0.1), (50.0, 0.1)]
+    dpo = {"name": "beta_0.1-lambda_0-a_00000", "beta": 0.1, "dpop_lambda": 0.0}
+    dpop = {"name": "beta_0.1-lambda_50-a_00001", "beta": 0.1, "dpop_lambda": 50.0}
+    sweep = method_styles([dpop, dpo], methods)  # tune's curves: every trial
+    evaluated = method_styles([{"name": "reference", "beta": None, "dpop_lambda": None}, dpop], methods)
+    assert sweep[dpo["name"]][:2] == ("DPO (λ 0)", "C0")
+    assert sweep[dpop["name"]][:2] == evaluated[dpop["name"]][:2] == ("DPOP (λ 50)", "C1")
+    assert evaluated["reference"][:2] == ("reference", "gray")
+    raw["tune"]["beta"] = [0.1, 0.5]
+    raw["eval"]["policies"] = ["train", "tune"]
+    raw["train"]["beta"] = 0.3
+    methods = run_methods(load_config(write_config(tmp_path / "c.yaml", raw)))
+    assert methods == [(0.0, 0.1), (0.0, 0.5), (50.0, 0.1), (50.0, 0.3), (50.0, 0.5)]
+    styles = method_styles([dpo, {"name": "train", "beta": 0.3, "dpop_lambda": 50.0}], methods)
+    assert styles[dpo["name"]].label == "DPO (β 0.1, λ 0)" and styles["train"][:2] == ("train: DPOP (β 0.3, λ 50)", "C3")
 
 
 def test_the_sweep_table_shows_each_metric_once(tmp_path):
@@ -225,7 +264,7 @@ def test_titles_fit_and_steps_are_whole(tmp_path, drawn):
                 "logps/rejected": -3.0, "dpop/penalty_active": 0.0} for step in (1, 2, 3)]
     plots.training_curves(metrics, str(tmp_path / "curves.png"))
     curves = {"beta_0.1-lambda_0-x_00000": metrics, "beta_0.1-lambda_50-x_00001": metrics}
-    plots.sweep_logps_chosen(rows, curves, str(tmp_path / "logps.png"))
+    plots.sweep_logps_chosen(rows, curves, [(0.0, 0.1), (50.0, 0.1)], str(tmp_path / "logps.png"))
     for fig in drawn[-2:]:
         for ax in fig.axes:
             assert all(float(tick).is_integer() for tick in ax.get_xticks()), ax.get_title()

@@ -113,7 +113,7 @@ def evaluate_policies(cfg: Config, stage) -> dict:
     results = [{k: r[k] for k in ("model", "task", "metric", "value", "n")} for r in rows]
     storage.write_text(storage.join(stage.out, "results.json"), json.dumps(results, indent=1))
     storage.write_text(storage.join(stage.out, "results.md"), results_table(rows, models))
-    plots.eval_results(rows, models, storage.join(stage.out, "eval.png"))
+    plots.eval_results(rows, models, plots.run_methods(cfg), storage.join(stage.out, "eval.png"))
     if samples:
         storage.write_parquet(pa.Table.from_pylist(samples), storage.join(stage.out, "generations.parquet"))
     if best:

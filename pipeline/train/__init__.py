@@ -12,10 +12,10 @@ Driver (`train_policy`): reference Parquet -> train/eval Arrow tables in the obj
     -> TorchTrainer(train_loop) -> curves PNG.
 Each worker (`train_loop`), top to bottom:
     setup (load_policy: built on the meta device, parallelized with FSDP2, each rank's shard filled from rank 0's
-    read, dropout off; AdamW + warm-up/decay) -> restore_checkpoint
+    read, dropout off; AdamW + warm-up/decay) -> CheckpointManager.restore
     -> the train split into memory (TrainPairs), globally shuffled per epoch by `stream_indices`
     -> per step (`train_step`): micro-batches (`forward_backward_step`: chosen and rejected in one forward,
-       dpop_loss, backward) -> clip, step -> metrics (all-reduced) -> `evaluate` / `save_checkpoint` when due
+       dpop_loss, backward) -> clip, step -> metrics (all-reduced) -> `evaluate` / `CheckpointManager.save` when due
     -> `save_policy`: gather the full weights and save the policy in Hugging Face format.
 
 Exact resume: step s always trains on positions [(s - 1) * batch_size, s * batch_size) of the one seeded stream,
