@@ -1,7 +1,10 @@
 """The checkpoint manager: what a checkpoint holds, how it is saved and restored.
 
 A checkpoint is a sharded DCP checkpoint of the model and optimizer (every worker writes its own shard files), every
-worker's RNG state, and rank 0's trainer state (step, schedule, data position, early stopping). Ray Train merges
+worker's RNG states (CPU, and CUDA on a GPU: LoRA dropout draws from it), and rank 0's trainer state (step,
+schedule, data position, early stopping). With LoRA it holds the adapters and their optimizer state only: the
+frozen base is the model folder's, loaded again on resume, and would be most of the bytes (a 70B base is 280 GB in
+fp32 against some hundreds of MB of adapters). Ray Train merges
 the workers' folders into one checkpoint and keeps the newest `train.keep_checkpoints` (stage.make_trainer).
 """
 import json
@@ -17,10 +20,24 @@ class CheckpointManager:
     """One worker's side of the run's checkpoints: `save` at a checkpoint step (every worker together: the DCP save
     is a collective), `restore` at start."""
 
-    def __init__(self, model, optimizer, scheduler, early_stopping, batch_size: int, rank: int):
+    def __init__(self, model, optimizer, scheduler, early_stopping, batch_size: int, rank: int, device,
+                 lora: bool):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.early_stopping = early_stopping
-        self.batch_size, self.rank = batch_size, rank
+        self.batch_size, self.rank, self.device = batch_size, rank, device
+        # Only what trains: every parameter, or with LoRA the adapters. Restoring, only a LoRA model may lack
+        # weights in the checkpoint (its frozen base); a full one must find every weight.
+        self.options = StateDictOptions(ignore_frozen_params=True, strict=not lora)
+
+    def _rng_states(self) -> dict:
+        import torch
+
+        states = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.device)
+        return states
 
     def save(self, step: int, metrics: dict) -> None:
         """A sharded DCP checkpoint of model and optimizer, the schedule, the data position and every worker's RNG
@@ -31,10 +48,10 @@ class CheckpointManager:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         with tempfile.TemporaryDirectory() as folder:
-            model_state, optim_state = get_state_dict(self.model, self.optimizer)
+            model_state, optim_state = get_state_dict(self.model, self.optimizer, options=self.options)
             # Every worker writes its own shard files; Ray merges the workers' folders into one checkpoint.
             dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=folder)
-            torch.save(torch.get_rng_state(), os.path.join(folder, f"rng_state_rank{self.rank}.pt"))
+            torch.save(self._rng_states(), os.path.join(folder, f"rng_state_rank{self.rank}.pt"))
             if self.rank == 0:
                 with open(os.path.join(folder, TRAINER_STATE), "w") as f:
                     json.dump({"step": step, "scheduler": self.scheduler.state_dict(),
@@ -56,16 +73,21 @@ class CheckpointManager:
         if not checkpoint:
             return 0
         with checkpoint.as_directory() as folder:
-            model_state, optim_state = get_state_dict(self.model, self.optimizer)
+            model_state, optim_state = get_state_dict(self.model, self.optimizer, options=self.options)
             state = {"model": model_state, "optim": optim_state}
             dcp.load(state, checkpoint_id=folder)
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optim"])
+                           optim_state_dict=state["optim"], options=self.options)
             with open(os.path.join(folder, TRAINER_STATE)) as f:
                 trainer_state = json.load(f)
             rng_path = os.path.join(folder, f"rng_state_rank{self.rank}.pt")
             if os.path.exists(rng_path):  # absent when the worker count changed: a fresh seed is all that is left
-                torch.set_rng_state(torch.load(rng_path))
+                rng = torch.load(rng_path)
+                if isinstance(rng, torch.Tensor):  # written before the CUDA state was kept beside the CPU's
+                    rng = {"cpu": rng}
+                torch.set_rng_state(rng["cpu"])
+                if "cuda" in rng and self.device.type == "cuda":
+                    torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         if self.early_stopping and trainer_state.get("early_stopping"):
             self.early_stopping.load_state_dict(trainer_state["early_stopping"])

@@ -117,7 +117,8 @@ def setup(cfg: Config) -> Worker:
     if rank == 0:
         say(f"{parameters['trainable']:,} of {parameters['total']:,} parameters train"
             + (f" (LoRA r={t.lora.r} on {', '.join(t.lora.target_modules)})" if t.lora else ""))
-    checkpoints = CheckpointManager(model, optimizer, scheduler, early_stopping, t.batch_size, rank)
+    checkpoints = CheckpointManager(model, optimizer, scheduler, early_stopping, t.batch_size, rank, device,
+                                    lora=t.lora is not None)
     return Worker(cfg, model, optimizer, scheduler, tokenizer, pad_id, device, rank, world, saved_dtype, layout,
                   parameters, checkpoints, early_stopping)
 
