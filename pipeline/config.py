@@ -245,6 +245,11 @@ class TrainSection(Section):
     """Clip the global gradient norm to this; 0 turns clipping off."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer's activations in backward: less memory, about a third more compute."""
+    reshard_after_forward: bool = execution_only(True)
+    """FSDP2: free each decoder layer's gathered weights after its forward and gather them again for its backward
+    (least memory: one layer's full weights at a time). False keeps them from forward to backward: one all-gather
+    fewer per layer and micro-batch (less traffic between GPUs, most worth it across nodes), at the cost of
+    holding every layer's full weights through the backward pass. The results are the same either way."""
     log_every: int = execution_only(10, gt=0)
     """Write a metrics row (metrics.jsonl and ray.train.report) every this many steps; eval steps always log."""
     eval_every: int = Field(50, ge=0)

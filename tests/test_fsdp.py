@@ -57,13 +57,15 @@ def test_meta_device_loading_gives_the_saved_weights_and_buffers(mesh, tiny_mode
         assert torch.allclose(model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-6)
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_chunked_head_under_fsdp2_has_the_gradients_of_a_plain_model(mesh, tied):
+@pytest.mark.parametrize("tied, reshard_after_forward", [(False, True), (True, True), (True, False)])
+def test_chunked_head_under_fsdp2_has_the_gradients_of_a_plain_model(mesh, tied, reshard_after_forward):
     """The head's weight belongs to FSDP2's root group and is used inside the model's forward: its gradient, and
-    every other, must equal an unsharded model's (tied: embedding and head are one parameter)."""
+    every other, must equal an unsharded model's (tied: embedding and head are one parameter), whether the layers
+    reshard after their forward or keep their weights to the backward (train.reshard_after_forward)."""
     plain = llama(tied)
     sharded = copy.deepcopy(plain)
-    parallelize(sharded, mesh, mixed_precision=False, activation_checkpointing=False)
+    parallelize(sharded, mesh, mixed_precision=False, activation_checkpointing=False,
+                reshard_after_forward=reshard_after_forward)
     for model in (plain, sharded):
         completion_logps(model, make_batch(GROUPS, pad_id=0, layout="packed")).sum().backward()
     plain_grads = dict(plain.named_parameters())

@@ -100,7 +100,8 @@ def setup(cfg: Config) -> Worker:
     torch.manual_seed(cfg.run.seed)
     model, saved_dtype = load_policy(cfg.model.name_or_path, remote_code, init_device_mesh(device.type, (world,)),
                                      device, mixed_precision=training_dtype(cfg) == "bfloat16",
-                                     activation_checkpointing=t.activation_checkpointing, lora=t.lora)
+                                     activation_checkpointing=t.activation_checkpointing, lora=t.lora,
+                                     reshard_after_forward=t.reshard_after_forward)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.name_or_path,
                                               trust_remote_code=remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -6,11 +6,14 @@ from pipeline.config import Config
 from pipeline.train.metrics import say
 
 
-def parallelize(model, mesh, mixed_precision: bool, activation_checkpointing: bool) -> None:
+def parallelize(model, mesh, mixed_precision: bool, activation_checkpointing: bool,
+                reshard_after_forward: bool = True) -> None:
     """All parallelism in one place: FSDP2 `fully_shard` on each decoder layer, then on the root.
 
     Sharding layer by layer lets FSDP2 gather one layer's weights at a time. With `mixed_precision`, compute runs
-    in bf16 while parameters, gradients' reduction and optimizer state stay fp32.
+    in bf16 while parameters, gradients' reduction and optimizer state stay fp32. `reshard_after_forward`
+    (train.reshard_after_forward) frees a layer's gathered weights after its forward, to gather them again for its
+    backward.
     """
     import torch
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -24,8 +27,8 @@ def parallelize(model, mesh, mixed_precision: bool, activation_checkpointing: bo
     if not layers:
         raise ValueError(f"{type(model).__name__} names no decoder layer class (_no_split_modules); cannot shard it")
     for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
 
 
 def disable_dropout(model) -> None:
@@ -54,7 +57,7 @@ def add_adapters(model, lora):
 
 
 def load_policy(path: str, trust_remote_code: bool, mesh, device, mixed_precision: bool,
-                activation_checkpointing: bool, lora=None):
+                activation_checkpointing: bool, lora=None, reshard_after_forward: bool = True):
     """The policy, sharded, without any rank but 0 ever holding all of it (as torchtitan and torchtune load).
 
     Every rank builds the model on the meta device (no memory), shards it (`parallelize`) and allocates only its
@@ -76,7 +79,8 @@ def load_policy(path: str, trust_remote_code: bool, mesh, device, mixed_precisio
     if lora:
         model = add_adapters(model, lora)
     persistent = set(model.state_dict())
-    parallelize(model, mesh, mixed_precision=mixed_precision, activation_checkpointing=activation_checkpointing)
+    parallelize(model, mesh, mixed_precision=mixed_precision, activation_checkpointing=activation_checkpointing,
+                reshard_after_forward=reshard_after_forward)
     model.to_empty(device=device)
     full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code) \
         if rank == 0 else None
