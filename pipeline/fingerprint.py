@@ -19,6 +19,7 @@ import os
 import pyarrow.fs as pafs
 
 from pipeline import storage
+from pipeline.config import Config
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".onnx")
 FULL_DIGEST_BYTES = 256 * 2**20
@@ -110,6 +111,19 @@ def model_folder(name_or_path: str) -> tuple[str, str | None]:
         raise ModelNotFound(f"{name_or_path!r} is no folder ({os.path.abspath(os.path.expanduser(name_or_path))}; "
                             f"a relative path is relative to the current directory, {os.getcwd()})")
     return hub_folder(name_or_path)
+
+
+def pin_models(cfg: Config) -> Config:
+    """The config the stages run with: a hub model or tokenizer name replaced by the cached snapshot folder its
+    fingerprint was taken from, so every loader, worker and actor reads that revision and never resolves the name
+    again (a newer revision in a cache, or on the hub, would otherwise be loaded under the old fingerprint). A
+    newer snapshot in the driver's cache changes the fingerprint instead: the stages that read the model go stale."""
+    changes = {}
+    for key in ("name_or_path", "tokenizer"):
+        value = getattr(cfg.model, key)
+        if value and not os.path.isdir(value) and not storage.is_remote(value):
+            changes[f"model.{key}"] = model_folder(value)[0]
+    return cfg.copy_with(changes) if changes else cfg
 
 
 def hub_revisions(cfg, reads: tuple[str, ...]) -> dict:

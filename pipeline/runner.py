@@ -18,7 +18,8 @@ from datetime import datetime, timezone
 
 from pipeline import storage
 from pipeline.config import Config, fingerprint_view
-from pipeline.fingerprint import ModelNotFound, digest, hub_revisions, model_identity, source_identity
+from pipeline.fingerprint import (ModelNotFound, digest, hub_revisions, model_identity, pin_models,
+                                  source_identity)
 from pipeline.runlock import RunLock
 from pipeline.vocab import STAGE_NAMES, ConfigError, PlanError, Stage, StageError, StageFailed, one_line
 
@@ -327,6 +328,7 @@ def run_stages(cfg: Config, only: list[str] | None = None, force: list[str] = ()
 
 def _run_steps(cfg: Config, steps: list[tuple[StageSpec, str]], expected_parts: dict) -> dict[str, dict]:
     manifests = {}
+    pinned = pin_models(cfg)  # what the stages load; the fingerprints and manifests keep the names as written
     for stage, reason in steps:
         out = stage_uri(cfg, stage.name)
         manifest_uri = storage.join(out, MANIFEST)
@@ -357,7 +359,7 @@ def _run_steps(cfg: Config, steps: list[tuple[StageSpec, str]], expected_parts: 
         )
         started = time.time()
         try:
-            fields, error = entry(cfg, context), None
+            fields, error = entry(pinned, context), None
         except StageFailed as failure:
             fields, error = {**failure.fields, "status": "failed", "error": str(failure)}, failure
         except Exception as e:
@@ -370,6 +372,7 @@ def _run_steps(cfg: Config, steps: list[tuple[StageSpec, str]], expected_parts: 
             "inputs": inputs,
             "config": stage_config(cfg, stage),
             "hub_revisions": hub_revisions(cfg, stage.reads),
+            **({"model_path": pinned.model.name_or_path} if "model" in stage.reads else {}),
             "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
             "finished_at": datetime.now(timezone.utc).isoformat(),
             "seconds": round(time.time() - started, 2),

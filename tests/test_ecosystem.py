@@ -253,6 +253,7 @@ def hub_snapshot(cache, repo: str, kind: str, files: dict[str, str]) -> str:
 def test_hub_dataset_and_model_from_the_local_cache_offline(tmp_path, tiny_model):
     """`hf:NAME` data and a hub model name, resolved in a Hugging Face cache with the network off; the manifests
     record the snapshots' revisions; a name missing from the cache fails before Ray starts, saying how to fill it."""
+    import shutil
     import subprocess
     import sys
     from pathlib import Path
@@ -293,6 +294,19 @@ def test_hub_dataset_and_model_from_the_local_cache_offline(tmp_path, tiny_model
                                       "hf:dpop-tests/arithmetic-pairs": data_revision}
     assert reference["hub_revisions"] == {"dpop-tests/tiny-llama": model_revision}
     assert pairs["rows"] > 0 and reference["rows_out"] == pairs["rows"]
+    # The engines loaded the recorded snapshot's folder, not the name: pinned, whatever the cache says later.
+    model_root = cache / "models--dpop-tests--tiny-llama"
+    assert reference["model_path"] == str(model_root / "snapshots" / model_revision)
+
+    # A newer snapshot of the model appears in the cache: what read the model (or its tokenizer) goes stale.
+    newer = model_root / "snapshots" / ("b" * 40)
+    shutil.copytree(model_root / "snapshots" / model_revision, newer)
+    (model_root / "refs" / "main").write_text("b" * 40)
+    status = subprocess.run([sys.executable, "-m", "pipeline", "status", config], env=env, capture_output=True,
+                            text=True, timeout=120)
+    states = {line.split()[0]: line for line in status.stdout.splitlines()[1:]}
+    assert "stale" in states["pairs"] and "changed: tokenizer" in states["pairs"]
+    assert "stale" in states["reference"] and "changed: model" in states["reference"]
 
     missing = subprocess.run(dpop + ["--stages", "pairs", "--set", "data.sources.0.path=hf:dpop-tests/absent"],
                              env=env, capture_output=True, text=True, timeout=120)
