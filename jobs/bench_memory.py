@@ -3,8 +3,9 @@
 A Llama with random weights, large enough that the model rather than the Python process dominates a rank's memory
 (default: about 170M parameters, 0.68 GB in fp32), saved once as safetensors. Each rank runs the trainer's own
 functions without Ray around them: `load_policy` (each rank reads its own slices), two optimizer steps through
-`completion_logps` and `dpop_loss`, and `save_policy`. Peak resident memory is read with getrusage after each phase
-(it is a running maximum, so a phase's figure is the peak so far).
+`completion_logps` and `dpop_loss`, and `save_policy`. A thread samples each rank's resident memory every 5 ms; a
+phase's figure is its peak within the phase. (getrusage's maximum would not do: it is a running maximum, and a
+spawned process starts with its parent's, which built the model.)
 
     .venv/bin/python jobs/bench_memory.py                      # writes jobs/benchmarks/memory.json
     PYTHONPATH=<checkout of an older commit> .venv/bin/python jobs/bench_memory.py --label before --out ...
@@ -15,7 +16,6 @@ that checkout has (before the trainer became a package, pipeline.train held both
 import argparse
 import json
 import os
-import resource
 import socket
 import tempfile
 import time
@@ -24,8 +24,26 @@ from types import SimpleNamespace
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+class PeakSampler:
+    """This process's peak resident memory (MB) per phase, sampled on a thread."""
+
+    def __init__(self):
+        import threading
+
+        import psutil
+
+        self.process, self.peak, self.stopped = psutil.Process(), 0, threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while not self.stopped.wait(0.005):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def phase_done(self) -> float:
+        """The peak since the last call, in MB; the next phase starts from the current resident memory."""
+        peak = max(self.peak, self.process.memory_info().rss)
+        self.peak = self.process.memory_info().rss
+        return round(peak / 2**20, 1)
 
 
 def build_model(folder: str, hidden: int, layers: int, vocab: int) -> int:
@@ -58,12 +76,13 @@ def rank_main(rank: int, world: int, port: int, folder: str, out: str, steps: in
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    marks = {"start": peak_mb()}
+    sampler = PeakSampler()
+    marks = {"start": sampler.phase_done()}
     device = torch.device("cpu")
     model, saved_dtype = load_policy(folder, False, init_device_mesh("cpu", (world,)), device, mixed_precision=False,
                                      activation_checkpointing=False)
     dist.barrier()
-    marks["load"] = peak_mb()
+    marks["load"] = sampler.phase_done()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     generator = torch.Generator().manual_seed(rank)
     for _ in range(steps):
@@ -75,7 +94,7 @@ def rank_main(rank: int, world: int, port: int, folder: str, out: str, steps: in
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     dist.barrier()
-    marks["step"] = peak_mb()
+    marks["step"] = sampler.phase_done()
     cfg = SimpleNamespace(train=SimpleNamespace(lora=None))
     tokenizer = SimpleNamespace(save_pretrained=lambda folder: None)
     if packaged:
@@ -84,7 +103,7 @@ def rank_main(rank: int, world: int, port: int, folder: str, out: str, steps: in
         save_policy(SimpleNamespace(model=model, tokenizer=tokenizer, cfg=cfg, saved_dtype=saved_dtype, rank=rank),
                     out)
     dist.barrier()
-    marks["save"] = peak_mb()
+    marks["save"] = sampler.phase_done()
     queue.put((rank, marks))
     dist.destroy_process_group()
 
@@ -105,7 +124,7 @@ def measure(world: int, folder: str, steps: int) -> list[dict]:
         results = dict(queue.get(timeout=1800) for _ in processes)
         for p in processes:
             p.join()
-    return [{"rank": rank, **{k: round(v, 1) for k, v in results[rank].items()}} for rank in sorted(results)]
+    return [{"rank": rank, **results[rank]} for rank in sorted(results)]
 
 
 def main() -> None:
