@@ -16,8 +16,7 @@ from collections import Counter, defaultdict
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
-from pipeline import storage
-from pipeline import plots
+from pipeline import plots, storage
 from pipeline.config import Config, EvalSourceSection, SourceSection, source_name
 from pipeline.sources import PARSERS, Drop, RawPair, parse_record
 from pipeline.vocab import ConfigError, StageFailed, counts_text, one_line
@@ -455,9 +454,6 @@ def _block_summary(block: pa.Table) -> pa.Table:
 
 def build_pairs(cfg: Config, stage) -> dict:
     from ray.data.expressions import col
-
-    # Fail here, in the driver, rather than in every Ray task.
-    checked_tokenizer(cfg)
 
     parts = []
     for index, source in enumerate(cfg.data.sources):

@@ -86,7 +86,7 @@ def pair_counts(sources: dict, uri: str) -> None:
     pairs manifest's `sources`)."""
     names = sorted(sources)
     reasons = sorted({r for s in sources.values() for r in s["dropped"]})
-    panels = [("kept", [("train", [sources[n]["train"] for n in names]), ("eval", [sources[n]["eval"] for n in names])]),
+    panels = [("kept", [(split, [sources[n][split] for n in names]) for split in ("train", "eval")]),
               ("dropped", [(r, [sources[n]["dropped"].get(r, 0) for n in names]) for r in reasons])]
     with figure(uri, 1, 2, figsize=(11, 2.0 + 0.6 * len(names)), sharey=True) as (fig, axes):
         color = 0
@@ -133,27 +133,21 @@ def sweep_heatmap(rows: list[dict], metric: str, mode: str, uri: str) -> None:
 
 
 def sweep_logps_chosen(rows: list[dict], curves: dict[str, list[dict]], methods: list, uri: str) -> None:
-    """log p(chosen) over steps for every trial (trials.parquet rows; {trial folder: its metrics.jsonl rows}), each
+    """log p(chosen) over steps for every trial (trials.parquet rows; {trial id: its metrics.jsonl rows}), each
     labelled and coloured by its method as in every other figure (`methods`: run_methods)."""
-    styles = method_styles([{"name": name, "beta": r["beta"], "dpop_lambda": r["dpop_lambda"]}
-                            for name, r in zip(curves, _trial_rows(rows, curves))], methods)
+    styles = method_styles([{"name": r["trial_id"], "beta": r["beta"], "dpop_lambda": r["dpop_lambda"]}
+                            for r in rows], methods)
     with figure(uri, figsize=(9, 5)) as (fig, ax):
-        for name, metrics in sorted(curves.items(), key=lambda item: styles[item[0]].order):
+        for trial_id, metrics in sorted(curves.items(), key=lambda item: styles[item[0]].order):
             if metrics:
                 ax.plot([m["step"] for m in metrics], [m["logps/chosen"] for m in metrics],
-                        label=styles[name].label, color=styles[name].color)
+                        label=styles[trial_id].label, color=styles[trial_id].color)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(integer_ticks())
         ax.set_ylabel("log p(chosen), summed over completion tokens")
         ax.set_title("Chosen log-likelihood per trial: DPO's failure mode is this falling")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-
-
-def _trial_rows(rows: list[dict], curves: dict) -> list[dict]:
-    """The trials.parquet row of each folder in `curves` (a folder name ends with its trial id)."""
-    by_id = {r["trial_id"]: r for r in rows}
-    return [by_id[name.rsplit("-", 1)[-1]] for name in curves]
 
 
 def eval_results(rows: list[dict], models: list, methods: list, uri: str) -> None:

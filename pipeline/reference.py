@@ -1,8 +1,8 @@
 """`reference` stage (Ray Data actor pool): pairs + the reference model's log-probs of both completions.
 
 Each actor holds one engine of pipeline.engines: vLLM (backend `vllm`) or transformers (backend `hf`), the engines
-the eval stage uses too. Both sum log p over completion tokens only; the stage writes `ref_chosen_logp`, `ref_rejected_logp` (float64) beside the pair columns. Pairs with a non-finite log-prob are
-dropped and counted. Output is written as it is scored, so a rerun after a crash scores only what is missing.
+the eval stage uses too. Both sum log p over completion tokens only; the stage writes `ref_chosen_logp`,
+`ref_rejected_logp` (float64) beside the pair columns. Pairs with a non-finite log-prob are dropped and counted. Output is written as it is scored, so a rerun after a crash scores only what is missing.
 """
 from collections import Counter
 

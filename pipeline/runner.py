@@ -308,8 +308,13 @@ def check_inputs(cfg: Config, stages: list[StageSpec]) -> None:
     """Each planned stage's own checks of its inputs (StageSpec.check), before Ray starts: a bad file or model
     fails in seconds with the key named, not minutes later inside a Ray task."""
     for check in dict.fromkeys(stage.check for stage in stages if stage.check):
-        module, function = check.split(":")
-        getattr(importlib.import_module(module), function)(cfg)
+        _function(check)(cfg)
+
+
+def _function(reference: str):
+    """The function a StageSpec names as `module:function`, imported only when it is needed."""
+    module, function = reference.split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def run_stages(cfg: Config, only: list[str] | None = None, force: list[str] = ()) -> dict[str, dict]:
@@ -344,12 +349,12 @@ def _run_steps(cfg: Config, steps: list[tuple[StageSpec, str]], expected_parts: 
         if not resuming:
             storage.clear_dir(out)
             storage.write_json(marker_uri, marker)
-        for name in (FAILED, ERROR_LOG):  # a resumed stage's earlier failure is history, not its state
-            if storage.exists(storage.join(out, name)):
-                storage.delete_file(storage.join(out, name))
+        else:  # an earlier failure of the stage being resumed is history, not its state
+            for name in (FAILED, ERROR_LOG):
+                if storage.exists(storage.join(out, name)):
+                    storage.delete_file(storage.join(out, name))
         print(f"[dpop] {stage.name}: {'resuming' if resuming else 'running'} ({reason}) -> {out}", flush=True)
-        module, function = stage.entry.split(":")
-        entry = getattr(importlib.import_module(module), function)
+        entry = _function(stage.entry)
         context = StageContext(
             out=out,
             inputs={name: stage_uri(cfg, name) for name in needs},

@@ -121,7 +121,8 @@ def _latest_checkpoint(trial_out: str) -> str | None:
 
 
 def trial_table(results, cfg: Config, out: str) -> tuple[list[dict], dict[str, list[dict]]]:
-    """One row per trial (β, λ, status, error, final and best metric, paths) and each trial's metric rows."""
+    """One row per trial (β, λ, status, error, final and best metric, paths) and each trial's metric rows, by
+    trial id."""
     tc, max_steps = cfg.tune, cfg.train.max_steps
     rows, curves = [], {}
     for result in results:
@@ -130,7 +131,7 @@ def trial_table(results, cfg: Config, out: str) -> tuple[list[dict], dict[str, l
         folder = trial_folder(beta, dpop_lambda, trial_id)
         trial_out = storage.join(out, "trials", folder)
         metrics = read_metrics(trial_out)
-        curves[folder] = metrics
+        curves[trial_id] = metrics
         final = metrics[-1] if metrics else {}
         values = [m[tc.metric] for m in metrics if tc.metric in m]
         if result.error:
@@ -190,7 +191,8 @@ def sweep(cfg: Config, stage) -> dict:
         raise ValueError(f"tune.metric: {tc.metric!r} needs an eval split of at least train.num_workers = "
                          f"{cfg.train.num_workers} pairs, and the reference stage has {info['eval_rows']}; raise "
                          f"data.eval_fraction or rank by a train metric")
-    print(f"[dpop] tune: {info['train_rows']} train / {info['eval_rows']} eval pairs from {stage.inputs[Stage.REFERENCE]}, "
+    print(f"[dpop] tune: {info['train_rows']} train / {info['eval_rows']} eval pairs from "
+          f"{stage.inputs[Stage.REFERENCE]}, "
           f"shared by every trial", flush=True)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, cfg=cfg, out=stage.out,
