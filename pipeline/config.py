@@ -250,6 +250,15 @@ class TrainSection(Section):
     (least memory: one layer's full weights at a time). False keeps them from forward to backward: one all-gather
     fewer per layer and micro-batch (less traffic between GPUs, most worth it across nodes), at the cost of
     holding every layer's full weights through the backward pass. The results are the same either way."""
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """The dtype of the saved policy's weights (`model/`); `auto`: the model folder's own (its config's `dtype`),
+    so a bf16 model comes back in bf16 at half the bytes of the fp32 it trains in. LoRA's `adapter/` stays fp32."""
+    cpu_offload: bool = execution_only(False)
+    """FSDP2's CPUOffloadPolicy: each worker's shard of the parameters, their gradients and the optimizer state live
+    in host memory and the optimizer steps on the CPU; each layer's weights go to the GPU only to be gathered for its
+    forward and backward. GPU memory then holds about one layer's weights and the activations, at the cost of
+    host-to-GPU copies every step and a CPU optimizer step (see docs/scaling.md). On CPU workers it runs the same
+    code with nothing to move."""
     log_every: int = execution_only(10, gt=0)
     """Write a metrics row (metrics.jsonl and ray.train.report) every this many steps; eval steps always log."""
     eval_every: int = Field(50, ge=0)

@@ -91,3 +91,21 @@ def test_bf16_mixed_precision_computes_in_bf16_and_keeps_fp32_weights(mesh):
     with torch.no_grad():
         exact = completion_logps(plain, batch)
     assert (logps.detach() - exact).abs().max() < 0.1  # nats over a few tokens; bf16 keeps 8 bits of mantissa
+
+
+def test_cpu_offload_trains_the_same_weights(mesh, tiny_model):
+    """train.cpu_offload (FSDP2's CPUOffloadPolicy; on CPU workers nothing moves, but the same code runs): a step
+    gives the same log-probs, and the same weights after AdamW, as without it."""
+    trained = []
+    for offload in (False, True):
+        model, _ = load_policy(tiny_model, False, mesh, torch.device("cpu"), mixed_precision=False,
+                               activation_checkpointing=False, cpu_offload=offload)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        logps = completion_logps(model, make_batch(GROUPS, pad_id=0, layout="packed"))
+        logps.sum().backward()
+        optimizer.step()
+        trained.append((logps.detach(), {k: full_tensor(v) for k, v in model.state_dict().items()}))
+    (plain_logps, plain), (offloaded_logps, offloaded) = trained
+    assert torch.equal(plain_logps, offloaded_logps)
+    for name, value in plain.items():
+        assert torch.equal(offloaded[name], value), name

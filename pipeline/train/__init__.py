@@ -16,7 +16,7 @@ Each worker (`train_loop`), top to bottom:
     -> the train split into memory (TrainPairs), globally shuffled per epoch by `stream_indices`
     -> per step (`train_step`): micro-batches (`forward_backward_step`: chosen and rejected in one forward,
        dpop_loss, backward) -> clip, step -> metrics (all-reduced) -> `evaluate` / `CheckpointManager.save` when due
-    -> `save_policy`: gather the full weights and save the policy in Hugging Face format.
+    -> `save_policy`: every worker writes its share of the policy's safetensors files, from its shards.
 
 Exact resume: step s always trains on positions [(s - 1) * batch_size, s * batch_size) of the one seeded stream,
 so a run resumed from its step-k checkpoint (model, optimizer, schedule, RNG) continues as if never stopped.

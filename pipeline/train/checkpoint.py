@@ -7,9 +7,14 @@ frozen base is the model folder's, loaded again on resume, and would be most of 
 fp32 against some hundreds of MB of adapters). Ray Train merges
 the workers' folders into one checkpoint and keeps the newest `train.keep_checkpoints` (stage.make_trainer).
 """
+import io
 import json
 import os
 import tempfile
+from contextlib import contextmanager
+
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.filesystem import FileSystem
 
 from pipeline.train.metrics import say
 
@@ -63,7 +68,10 @@ class CheckpointManager:
 
     def restore(self) -> int:
         """Load the newest checkpoint Ray Train hands this run (after a crash, a lost worker or a rerun of an
-        unfinished stage) and return its step; 0 when there is none."""
+        unfinished stage) and return its step; 0 when there is none. Each worker reads the checkpoint in place on a
+        local (shared) disk; on an object store it reads only the byte ranges of its own slices (ObjectStoreReader),
+        never the other workers' shards (a 70B full checkpoint is about 1.1 TB with AdamW's state)."""
+        import pyarrow.fs as pafs
         import ray.train
         import torch
         import torch.distributed.checkpoint as dcp
@@ -72,22 +80,22 @@ class CheckpointManager:
         checkpoint = ray.train.get_checkpoint()
         if not checkpoint:
             return 0
-        with checkpoint.as_directory() as folder:
-            model_state, optim_state = get_state_dict(self.model, self.optimizer, options=self.options)
-            state = {"model": model_state, "optim": optim_state}
-            dcp.load(state, checkpoint_id=folder)
-            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optim"], options=self.options)
-            with open(os.path.join(folder, TRAINER_STATE)) as f:
-                trainer_state = json.load(f)
-            rng_path = os.path.join(folder, f"rng_state_rank{self.rank}.pt")
-            if os.path.exists(rng_path):  # absent when the worker count changed: a fresh seed is all that is left
-                rng = torch.load(rng_path)
-                if isinstance(rng, torch.Tensor):  # written before the CUDA state was kept beside the CPU's
-                    rng = {"cpu": rng}
-                torch.set_rng_state(rng["cpu"])
-                if "cuda" in rng and self.device.type == "cuda":
-                    torch.cuda.set_rng_state(rng["cuda"], self.device)
+        source, path = checkpoint.filesystem, checkpoint.path
+        reader = FileSystemReader(path) if isinstance(source, pafs.LocalFileSystem) else ObjectStoreReader(source, path)
+        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=self.options)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, storage_reader=reader)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=self.options)
+        trainer_state = json.loads(_read_bytes(source, f"{path}/{TRAINER_STATE}"))
+        rng = _read_bytes(source, f"{path}/rng_state_rank{self.rank}.pt")
+        if rng is not None:  # absent when the worker count changed: a fresh seed is all that is left
+            rng = torch.load(io.BytesIO(rng))
+            if isinstance(rng, torch.Tensor):  # written before the CUDA state was kept beside the CPU's
+                rng = {"cpu": rng}
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         if self.early_stopping and trainer_state.get("early_stopping"):
             self.early_stopping.load_state_dict(trainer_state["early_stopping"])
@@ -99,3 +107,49 @@ class CheckpointManager:
             say(f"resuming from step {step} (epoch {trainer_state['epoch']}, {trainer_state['pairs_consumed']} "
                 f"pairs consumed)")
         return step
+
+
+class ObjectStoreReader(FileSystemReader):
+    """DCP's FileSystemReader reading a checkpoint in place on any pyarrow filesystem (an object store): each read
+    item is a ranged read of its own bytes, so a rank fetches its own slices and nothing else. `bytes_read` counts
+    them per file."""
+
+    def __init__(self, source, path: str):
+        super().__init__(path)
+        self.fs = _ArrowFiles(source)
+        self.path = path
+        self.bytes_read: dict[str, int] = {}
+
+    def read_data(self, plan, planner):
+        for item in plan.items:
+            info = self.storage_data[item.storage_index]
+            self.bytes_read[info.relative_path] = self.bytes_read.get(info.relative_path, 0) + info.length
+        return super().read_data(plan, planner)
+
+
+class _ArrowFiles(FileSystem):
+    """The file operations FileSystemReader needs, on a pyarrow filesystem: a seekable random-access file, whose
+    reads of a slice are ranged GETs on an object store."""
+
+    def __init__(self, source):
+        self.source = source
+
+    @contextmanager
+    def create_stream(self, path, mode: str):
+        with self.source.open_input_file(str(path)) as stream:
+            yield stream
+
+    def concat_path(self, path, suffix: str) -> str:
+        return f"{path}/{suffix}"
+
+    def init_path(self, path) -> str:
+        return str(path)
+
+
+def _read_bytes(source, path: str) -> bytes | None:
+    """A small file's bytes from a pyarrow filesystem; None when it is not there."""
+    try:
+        with source.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None

@@ -73,8 +73,8 @@ class Worker:
     device: object
     rank: int
     world: int
-    saved_dtype: object
-    """The dtype the model was saved in; the final policy is written back in it."""
+    save_dtype: object
+    """The dtype the final policy is written in (train.save_dtype; `auto`: the model folder's own)."""
     layout: str
     """train.layout where the model's attention supports it, else `padded` (pipeline.logprobs.layout_for)."""
     parameters: dict
@@ -98,10 +98,11 @@ def setup(cfg: Config) -> Worker:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.run.seed)
-    model, saved_dtype = load_policy(cfg.model.name_or_path, remote_code, init_device_mesh(device.type, (world,)),
+    model, model_dtype = load_policy(cfg.model.name_or_path, remote_code, init_device_mesh(device.type, (world,)),
                                      device, mixed_precision=training_dtype(cfg) == "bfloat16",
                                      activation_checkpointing=t.activation_checkpointing, lora=t.lora,
-                                     reshard_after_forward=t.reshard_after_forward)
+                                     reshard_after_forward=t.reshard_after_forward,
+                                     cpu_offload=t.cpu_offload)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.name_or_path,
                                               trust_remote_code=remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -111,6 +112,7 @@ def setup(cfg: Config) -> Worker:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, t.warmup_steps, t.max_steps, t.lr_schedule))
     early_stopping = EarlyStopping(t.early_stopping) if t.early_stopping else None
+    save_dtype = (model_dtype or torch.float32) if t.save_dtype == "auto" else getattr(torch, t.save_dtype)
     layout = layout_for(model, t.layout)
     if rank == 0 and layout != t.layout:
         say(f"train.layout {t.layout} needs sdpa attention; {model.config._attn_implementation} uses {layout}")
@@ -120,7 +122,7 @@ def setup(cfg: Config) -> Worker:
             + (f" (LoRA r={t.lora.r} on {', '.join(t.lora.target_modules)})" if t.lora else ""))
     checkpoints = CheckpointManager(model, optimizer, scheduler, early_stopping, t.batch_size, rank, device,
                                     lora=t.lora is not None)
-    return Worker(cfg, model, optimizer, scheduler, tokenizer, pad_id, device, rank, world, saved_dtype, layout,
+    return Worker(cfg, model, optimizer, scheduler, tokenizer, pad_id, device, rank, world, save_dtype, layout,
                   parameters, checkpoints, early_stopping)
 
 
@@ -236,7 +238,7 @@ def keep_if_best(worker: Worker, metrics: dict, step: int, out: str) -> bool:
     run should end now. Its state enters the metrics row (and with it metrics.jsonl)."""
     early_stopping = worker.early_stopping
     if early_stopping.update(metrics, step):
-        save_policy(worker.model, worker.tokenizer, worker.cfg, worker.saved_dtype, out)
+        save_policy(worker.model, worker.tokenizer, out, worker.save_dtype, worker.cfg.train.lora)
     metrics["early_stopping/best_step"] = early_stopping.best_step
     metrics["early_stopping/best"] = early_stopping.best
     if early_stopping.should_stop:
@@ -318,7 +320,7 @@ def train_loop(loop_config: dict) -> None:
     marks["steps_done"] = time.time()
     if not worker.early_stopping or worker.early_stopping.best_step is None:
         # (With early stopping, model/ was written at the best evaluation.)
-        save_policy(worker.model, worker.tokenizer, worker.cfg, worker.saved_dtype, out)
+        save_policy(worker.model, worker.tokenizer, out, worker.save_dtype, worker.cfg.train.lora)
     marks["policy_saved"] = time.time()
     if trackers:
         trackers.close()

@@ -26,13 +26,16 @@ def make_trainer(cfg: Config, out: str, run_name: str, pairs: dict, tracking: di
     `report_metric` is the metric a sweep ranks by (rows with it are reported to Ray Train, and so to Tune).
     Rerunning with the same `out` and `run_name` resumes from that run's newest checkpoint."""
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     t = cfg.train
     return TorchTrainer(
         train_loop,
         train_loop_config={"config": cfg, "out": out, "pairs": pairs, "report_metric": report_metric,
                            "tracking": tracking},
+        # CPU-offloaded shards take part in collectives (gradient-norm clipping) from host memory: gloo carries
+        # those, NCCL the rest.
+        torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl") if t.use_gpu and t.cpu_offload else None,
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=run_name, storage_path=out, callbacks=list(callbacks),
