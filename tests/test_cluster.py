@@ -202,7 +202,10 @@ def test_stages_as_separate_jobs_with_storage_on_s3(head, cluster_config):
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
     files = {i.path.removeprefix(path + "/") for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))}
     assert {"pairs/_edit_distance.png", "train/curves.png", "train/model/config.json",
-            "train/model/model.safetensors"} <= files
+            "train/model/model.safetensors.index.json"} <= files
+    # The policy's safetensors files, one run of them from each of the 2 train workers, all on S3.
+    weight_map = storage.read_json(f"{run}/train/model/model.safetensors.index.json")["weight_map"]
+    assert len(set(weight_map.values())) == 2 and {f"train/model/{f}" for f in weight_map.values()} <= files
     assert any(f.startswith("train/ray-") and "/step_000003/" in f for f in files)  # Ray Train's checkpoint
     trials = pq.read_table(f"{path}/tune/trials.parquet", filesystem=fs).to_pylist()
     assert sorted(t["dpop_lambda"] for t in trials) == [0.0, 50.0]
