@@ -20,7 +20,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic.fields import FieldInfo
 
 from pipeline.storage import is_remote
-from pipeline.vocab import REPORTED_METRICS, TASK_METRICS, ConfigError
+from pipeline.vocab import (BELOW_REFERENCE_NATS, BELOW_REFERENCE_NATS_BF16, REPORTED_METRICS, TASK_METRICS,
+                            ConfigError)
 
 
 class Section(BaseModel):
@@ -165,7 +166,11 @@ class ReferenceSection(Section):
     cpus_per_actor: Float = execution_only(1.0, gt=0)
     """Logical CPUs each actor reserves."""
     gpu_memory_utilization: Float = execution_only(0.85, gt=0, le=1)
-    """vLLM's share of GPU memory for weights and KV cache (on CPU: of host memory; keep it near 0.2-0.3 there)."""
+    """vLLM's share of GPU memory for weights and KV cache (on CPU: of host memory; keep it near 0.2-0.3 there).
+    On a GPU it is lowered where needed to leave room for the prompt log-probs, which vLLM's profiling does not count
+    (vllm issue 5907): min(this, 1 - (max_num_batched_tokens x vocabulary x 6 bytes + 2 GiB) / GPU memory). For
+    8,192 tokens and a 152k vocabulary that is 7.0 GiB: the bound is 0.88 on an 80 GB GPU (0.85 stands), 0.76 on a
+    40 GB one."""
     max_num_batched_tokens: int = execution_only(8192, gt=0)
     """vLLM: tokens per engine step. Scoring is all prefill, so a larger budget scores more sequences per forward
     pass than vLLM's generation-sized default (2048 on CPU); the cost is the step's prompt log-probs, a (tokens x
@@ -220,6 +225,15 @@ class TrainSection(Section):
     """Optimizer steps; the data repeats as needed."""
     num_workers: int = Field(1, gt=0)
     """Ray Train workers (processes); FSDP2 shards the model across them."""
+    shard_size: int | None = execution_only(None, gt=0)
+    """Workers in one FSDP2 shard group; the groups replicate each other (HSDP: a 2-D device mesh of
+    num_workers / shard_size replicas x shard_size shards, as torchtitan builds it). Within a group every layer is
+    all-gathered and its gradient reduce-scattered; across groups only the gradient shards are all-reduced, once
+    per step. With shard groups inside nodes, the per-layer traffic stays on the fast links in a node and only the
+    step's gradient crosses nodes. Unset: with GPUs, the GPUs of one node (HSDP across nodes, plain FSDP on one
+    node); on CPU workers, all of them (plain FSDP). Must divide num_workers. Ray packs the workers onto as few
+    nodes as it can and numbers them node by node, so each group of consecutive ranks shares a node when each node
+    holds a multiple of shard_size workers; the workers check that they do (docs/scaling.md)."""
     use_gpu: bool = True
     """One GPU per worker (NCCL); off: CPU workers (gloo)."""
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -250,6 +264,11 @@ class TrainSection(Section):
     (least memory: one layer's full weights at a time). False keeps them from forward to backward: one all-gather
     fewer per layer and micro-batch (less traffic between GPUs, most worth it across nodes), at the cost of
     holding every layer's full weights through the backward pass. The results are the same either way."""
+    below_reference_nats: Float | None = Field(None, gt=0)
+    """How far below the reference a chosen log-prob must be to count as below it, in nats: train's
+    dpop/penalty_active and eval's logps/chosen_below_reference. (The penalty itself has no threshold.) Unset: 1e-3
+    where the policy trains and the reference scores in fp32, 0.05 where either runs in bf16: at step 1, where the
+    policy is the reference, bf16 kernels alone put chosen log-probs up to that far apart (docs/training.md)."""
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """The dtype of the saved policy's weights (`model/`); `auto`: the model folder's own (its config's `dtype`),
     so a bf16 model comes back in bf16 at half the bytes of the fp32 it trains in. LoRA's `adapter/` stays fp32."""
@@ -495,6 +514,9 @@ def _check_consistency(cfg: Config) -> Config:
         _check_tune_metric(cfg)
     if cfg.eval is not None:
         _check_eval(cfg)
+    if t.shard_size is not None and t.num_workers % t.shard_size:
+        raise ConfigError(f"train.shard_size: {t.shard_size} does not divide train.num_workers = {t.num_workers}: "
+                          f"the workers form num_workers / shard_size replicas of shard_size shards")
     per_step = t.micro_batch_size * t.num_workers
     if t.batch_size % per_step:
         raise ConfigError(
@@ -650,6 +672,14 @@ def training_dtype(cfg: Config) -> str:
     """The precision the policy computes in (train.mixed_precision; `auto`: bf16 on GPUs, fp32 on CPUs)."""
     t = cfg.train
     return "bfloat16" if t.mixed_precision == "bf16" or (t.mixed_precision == "auto" and t.use_gpu) else "float32"
+
+
+def below_reference_nats(cfg: Config) -> float:
+    """train.below_reference_nats, or its default for the run's precisions."""
+    if cfg.train.below_reference_nats is not None:
+        return cfg.train.below_reference_nats
+    fp32 = training_dtype(cfg) == "float32" and cfg.reference.dtype == "float32"
+    return BELOW_REFERENCE_NATS if fp32 else BELOW_REFERENCE_NATS_BF16
 
 
 def config_warnings(cfg: Config) -> list[str]:

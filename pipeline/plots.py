@@ -106,7 +106,8 @@ def pair_counts(sources: dict, uri: str) -> None:
 
 
 def sweep_heatmap(rows: list[dict], metric: str, mode: str, uri: str) -> None:
-    """The ranking metric's last value over β × λ, one cell a trial (trials.parquet rows)."""
+    """The ranking metric over β × λ, one cell a trial (trials.parquet rows): its value at the step whose weights
+    the trial kept (the last, or with early stopping the best evaluation's), as best.json ranks them."""
     import numpy as np
 
     betas = sorted({r["beta"] for r in rows})
@@ -115,9 +116,9 @@ def sweep_heatmap(rows: list[dict], metric: str, mode: str, uri: str) -> None:
     labels = [["failed" for _ in betas] for _ in lambdas]
     for r in rows:
         i, j = lambdas.index(r["dpop_lambda"]), betas.index(r["beta"])
-        if r["final_metric"] is not None and r["status"] != "failed":
-            grid[i, j] = r["final_metric"]
-            labels[i][j] = f"{r['final_metric']:.4g}" + ("\n(stopped)" if r["status"] == "stopped_early" else "")
+        if r["kept_metric"] is not None and r["status"] != "failed":
+            grid[i, j] = r["kept_metric"]
+            labels[i][j] = f"{r['kept_metric']:.4g}" + ("\n(stopped)" if r["status"] == "stopped_early" else "")
     with figure(uri, figsize=(max(5.5, 1.8 * len(betas) + 3), 1.2 * len(lambdas) + 2)) as (fig, ax):
         image = ax.imshow(grid, cmap="viridis_r" if mode == "min" else "viridis", aspect="auto")
         for i in range(len(lambdas)):

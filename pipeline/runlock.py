@@ -1,4 +1,5 @@
 """The run folder's lock: one `dpop run` at a time works on a run folder."""
+import json
 import time
 from datetime import datetime, timezone
 
@@ -10,7 +11,9 @@ class RunLock:
     """`{run}/_lock.json` while a `dpop run` works on a run folder, so a second run (a job submitted twice) refuses
     at once instead of both writing the same stages.
 
-    The file names its holder (host, pid, process start time, start and heartbeat times). A lock is taken over when
+    The file is created atomically where it lives (storage.create_exclusive: a hard link locally, a conditional PUT
+    on S3), so of two runs that start together exactly one holds it. It names its holder (host, pid, process start
+    time, start and heartbeat times), and only its holder removes it. A lock is taken over when
     its holder is dead: on the same host, when that process no longer exists (or its pid now belongs to a newer
     process); from another host, when its heartbeat, refreshed every HEARTBEAT_SECONDS, is older than STALE_SECONDS.
     """
@@ -41,36 +44,54 @@ class RunLock:
         except (psutil.NoSuchProcess, KeyError):
             return False
 
-    def _write(self) -> None:
-        storage.write_json(self.uri, {**self.holder, "heartbeat": time.time()})
+    def _content(self) -> str:
+        return json.dumps({**self.holder, "heartbeat": time.time()}, indent=2, sort_keys=True) + "\n"
+
+    def _is_mine(self, held: dict | None) -> bool:
+        return bool(held) and all(held.get(k) == self.holder[k] for k in ("host", "pid", "process_started"))
 
     def __enter__(self):
         import threading
 
-        held = storage.read_json(self.uri)
-        if held and self.holder_is_alive(held):
-            raise PlanError(f"run folder {self.uri.rsplit('/', 1)[0]} is in use by another dpop run: host "
-                            f"{held['host']}, pid {held['pid']}, started {held['started_at']} (lock {self.uri}); "
-                            f"wait for it, or stop it")
-        if held:
+        folder = self.uri.rsplit("/", 1)[0]
+        # Created atomically where it lives (storage.create_exclusive): of two runs that start together, one
+        # creates the file and the other finds it.
+        while not storage.create_exclusive(self.uri, self._content()):
+            held = storage.read_json(self.uri)
+            if held is None:
+                continue  # released between the two calls: try again
+            if self.holder_is_alive(held):
+                raise PlanError(f"run folder {folder} is in use by another dpop run: host {held['host']}, pid "
+                                f"{held['pid']}, started {held['started_at']} (lock {self.uri}); wait for it, or "
+                                f"stop it")
             print(f"[dpop] taking over the lock of a dead run (host {held['host']}, pid {held['pid']}, started "
                   f"{held['started_at']})", flush=True)
-        self._write()
-        written = storage.read_json(self.uri) or {}
-        if (written.get("host"), written.get("pid")) != (self.holder["host"], self.holder["pid"]):
-            raise PlanError(f"run folder {self.uri.rsplit('/', 1)[0]} was taken by another dpop run starting at the "
-                            f"same time: host {written.get('host')}, pid {written.get('pid')}")
+            if storage.read_json(self.uri) == held:  # not already taken over by another run
+                storage.delete_file(self.uri)
         self._stop = threading.Event()
-
-        def beat():
-            while not self._stop.wait(self.HEARTBEAT_SECONDS):
-                self._write()
-
-        threading.Thread(target=beat, name="dpop-run-lock", daemon=True).start()
+        threading.Thread(target=self._beat, name="dpop-run-lock", daemon=True).start()
         return self
+
+    def _beat(self) -> None:
+        """Refresh the heartbeat every HEARTBEAT_SECONDS. A failed write is retried at the next beat, with a warning:
+        a lock whose heartbeat stops for STALE_SECONDS may be taken over by a run on another host."""
+        failing_since = None
+        while not self._stop.wait(self.HEARTBEAT_SECONDS):
+            try:
+                storage.write_text(self.uri, self._content())
+                failing_since = None
+            except Exception as error:  # noqa: BLE001 (any storage error: keep beating)
+                failing_since = failing_since or time.time()
+                print(f"[dpop] warning: could not refresh the run lock {self.uri} for "
+                      f"{time.time() - failing_since:.0f} s ({type(error).__name__}: {error}); another host may take "
+                      f"the run folder over after {self.STALE_SECONDS} s", flush=True)
 
     def __exit__(self, *exc):
         self._stop.set()
-        fs, path = storage.resolve(self.uri)
-        fs.delete_file(path)
+        held = storage.read_json(self.uri)
+        if self._is_mine(held):
+            storage.delete_file(self.uri)
+        elif held:
+            print(f"[dpop] warning: the run lock {self.uri} now names another run (host {held.get('host')}, pid "
+                  f"{held.get('pid')}): left in place", flush=True)
         return False

@@ -219,7 +219,11 @@ def _versions() -> dict[str, str]:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join the cluster at `address` (or RAY_ADDRESS), else start a local one with `num_cpus` logical CPUs."""
+    """Join the cluster at `address` (or RAY_ADDRESS), else start a local one with `num_cpus` logical CPUs.
+
+    Without an address the cluster is always a new local one (`address="local"`): a plain `ray.init()` would join
+    whatever cluster Ray's `ray_current_cluster` file names, which a `ray start` or a crashed cluster leaves behind
+    in Ray's temp folder, and then refuse `num_cpus`."""
     import ray
     import ray.data
 
@@ -227,14 +231,31 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        _check_answers(address)
         ray.init(address=address)
     else:
-        ray.init(num_cpus=num_cpus)
+        ray.init(address="local", num_cpus=num_cpus)
     # Ray Data cuts a long chain of operators' names in its progress lines, and warns that it did; show them whole.
     ray.data.DataContext.get_current().enable_progress_bar_name_truncation = False
     resources = ray.cluster_resources()
     print(f"[dpop] Ray cluster: {len(ray.nodes())} node(s), {resources.get('CPU', 0):g} CPUs, "
           f"{resources.get('GPU', 0):g} GPUs", flush=True)
+
+
+def _check_answers(address: str) -> None:
+    """A cluster address (`host:port`, `ray://host:port`) must accept a connection within 10 s: ray.init retries a
+    dead one for minutes, naming only an internal address."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", or a form Ray resolves itself
+    source = "RAY_ADDRESS" if address == os.environ.get("RAY_ADDRESS") else "run.ray_address"
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as error:
+        raise PlanError(f"{source} is {address!r}, but no Ray cluster answers there ({error}): start it (ray start "
+                        f"--head), fix the address, or leave it unset to run on a new local cluster") from error
 
 
 def _check_requested(cfg: Config, only: list[str] | None, force: list[str]) -> list[str]:
@@ -291,17 +312,25 @@ def check_gpus(cfg: Config, stages: list[StageSpec]) -> None:
     them forever. (`use_gpu: true` is the default, and a laptop has no GPU.)"""
     import ray
 
+    from pipeline.engines import gpus_per_actor
+
     have = ray.cluster_resources().get("GPU", 0)
     needs = {}
     names = {s.name for s in stages}
-    if names & {Stage.REFERENCE, Stage.EVAL} and cfg.reference.use_gpu:  # eval scores on the reference's actors
-        needs["reference.use_gpu"] = cfg.reference.tensor_parallel_size
+    ref = cfg.reference
+    # Eval scores on actors with the reference section's resources; the stages' pools do not run at once.
+    backends = [b for name, b in ((Stage.REFERENCE, ref.backend), (Stage.EVAL, cfg.eval and (cfg.eval.backend or ref.backend)))
+                if name in names and b]
+    if backends and ref.use_gpu:
+        per_actor = max(gpus_per_actor(cfg, b) for b in backends)
+        needs["reference.use_gpu"] = (ref.num_actors * per_actor,
+                                      f"{ref.num_actors} actor(s) (reference.num_actors) x {per_actor}")
     if names & {Stage.TRAIN, Stage.TUNE} and cfg.train.use_gpu:
-        needs["train.use_gpu"] = cfg.train.num_workers
-    for key, count in needs.items():
+        needs["train.use_gpu"] = (cfg.train.num_workers, "train.num_workers")
+    for key, (count, why) in needs.items():
         if have < count:
-            raise PlanError(f"{key} is true, which needs {count} GPU(s), but the Ray cluster has {have:g}: set "
-                            f"{key}=false to run on CPUs, or join a cluster with GPUs (run.ray_address)")
+            raise PlanError(f"{key} is true, which needs {count} GPU(s) ({why}), but the Ray cluster has {have:g}: "
+                            f"set {key}=false to run on CPUs, or join a cluster with GPUs (run.ray_address)")
 
 
 def check_inputs(cfg: Config, stages: list[StageSpec]) -> None:

@@ -1,6 +1,7 @@
 """Run storage through pyarrow filesystems, so a local path and an s3:// or gs:// URI take one code path."""
 import json
 import os
+from contextlib import contextmanager
 
 import pyarrow.fs as pafs
 
@@ -90,6 +91,52 @@ def write_json(uri: str, obj) -> None:
     write_text(uri, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def create_exclusive(uri: str, text: str) -> bool:
+    """Write a whole file only if none is there, atomically where it lives; False when one already is. Locally the
+    file is written beside it and hard-linked into place (a link fails if the name exists, and readers never see it
+    half-written). On S3 a conditional PUT (`If-None-Match: *`) through boto3, since pyarrow has none; the endpoint
+    comes from the URI's `endpoint_override` or AWS_ENDPOINT_URL, as pyarrow's does. Other stores have no
+    conditional write here: check-then-write, with a warning."""
+    import tempfile
+    from urllib.parse import parse_qs, urlparse
+
+    if not is_remote(uri):
+        path = os.path.abspath(uri)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False) as f:
+            f.write(text)
+        try:
+            os.link(f.name, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.remove(f.name)
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        import boto3
+        from botocore.exceptions import ClientError
+
+        options = {k: v[0] for k, v in parse_qs(parsed.query).items()}
+        endpoint = options.get("endpoint_override")
+        if endpoint and "://" not in endpoint:
+            endpoint = f"{options.get('scheme', 'https')}://{endpoint}"
+        client = boto3.client("s3", endpoint_url=endpoint, region_name=options.get("region"))
+        try:
+            client.put_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"), Body=text.encode(), IfNoneMatch="*")
+            return True
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+    print(f"[dpop] warning: {parsed.scheme}:// has no conditional write here; {uri} is checked, then written",
+          flush=True)
+    if exists(uri):
+        return False
+    write_text(uri, text)
+    return True
+
+
 def delete_file(uri: str) -> None:
     fs, path = resolve(uri)
     fs.delete_file(path)
@@ -100,17 +147,20 @@ def clear_dir(uri: str) -> None:
     fs.delete_dir_contents(path, missing_dir_ok=True)
 
 
-def local_dir(uri: str) -> str:
-    """A local folder with the files of `uri`: the path itself when it is local, else a copy in a new temporary
-    folder (a policy saved to an object store, for engines that read local files)."""
+@contextmanager
+def local_copy(uri: str):
+    """A local folder with the files of `uri` for as long as the `with` lasts: the path itself when it is local (or
+    a hub name the model libraries resolve themselves), else a copy in a temporary folder, removed on exit (a copy
+    per engine actor per model would otherwise fill a node's disk over a sweep)."""
     import tempfile
 
     if not is_remote(uri):
-        return uri  # a local folder, or a hub name the model libraries resolve themselves
+        yield uri
+        return
     fs, path = resolve(uri)
-    local = tempfile.mkdtemp(prefix="dpop-model-")
-    pafs.copy_files(path, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return local
+    with tempfile.TemporaryDirectory(prefix="dpop-model-") as local:
+        pafs.copy_files(path, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield local
 
 
 def upload_dir(local_dir: str, uri: str) -> None:

@@ -13,6 +13,7 @@ MLFLOW_TRACKING_USERNAME/PASSWORD, WANDB_API_KEY) come from the environment only
 import json
 import numbers
 import os
+import shutil
 import tempfile
 
 from pipeline import storage
@@ -92,16 +93,36 @@ class Trackers:
             for key, value in values.items():
                 self.tensorboard.add_scalar(key, value, step)
             self.tensorboard.flush()
+            if storage.is_remote(self.out):  # a trial that Tune ends has its files up to its last row
+                storage.upload_dir(self.tensorboard_dir, storage.join(self.out, "tensorboard"))
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
+        """End the tracked run as FINISHED, or FAILED when the run raised (train_loop's `except`); a run that Tune
+        ends is marked KILLED from the driver (end_killed_run)."""
         if self.mlflow:
-            self.mlflow.end_run()
+            self.mlflow.end_run(status=status)
         if self.wandb:
-            self.wandb.finish()
+            self.wandb.finish(exit_code=0 if status == "FINISHED" else 1)
         if self.tensorboard:
             self.tensorboard.close()
             if storage.is_remote(self.out):
                 storage.upload_dir(self.tensorboard_dir, storage.join(self.out, "tensorboard"))
+                shutil.rmtree(self.tensorboard_dir, ignore_errors=True)
+
+
+def end_killed_run(out: str, status: str) -> None:
+    """Mark the MLflow run of the train run or trial at `out` as `status` (KILLED, FAILED) if it is still RUNNING:
+    for a trial that Tune ended, whose workers were stopped before they could end it themselves."""
+    state = json.loads(storage.read_text(storage.join(out, TRACKING_FILE)) or "{}")
+    if not state.get("mlflow_run_id"):
+        return
+    from mlflow.tracking import MlflowClient
+
+    if state["mlflow_tracking_uri"].startswith("file://"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=state["mlflow_tracking_uri"])
+    if client.get_run(state["mlflow_run_id"]).info.status == "RUNNING":
+        client.set_terminated(state["mlflow_run_id"], status=status)
 
 
 def attach_eval(cfg: Config, report_uri: str) -> None:
@@ -113,9 +134,8 @@ def attach_eval(cfg: Config, report_uri: str) -> None:
     if not cfg.run.trackers or not manifest or manifest.get("status") == "failed":
         return
     results = json.loads(storage.read_text(manifest["results"]))
-    # report.md and its figures as local files (storage.local_dir copies an object-store folder, or is the folder).
-    figures = storage.local_dir(storage.join(run_uri, "report"))
-    with tempfile.TemporaryDirectory() as folder:
+    # report.md and its figures as local files (storage.local_copy copies an object-store folder, or is the folder).
+    with storage.local_copy(storage.join(run_uri, "report")) as figures, tempfile.TemporaryDirectory() as folder:
         report = os.path.join(folder, "report.md")
         with open(report, "w") as f:
             f.write(storage.read_text(report_uri))

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from pipeline import plots, storage
 from pipeline.config import Config
-from pipeline.tracking import run_params
+from pipeline.tracking import end_killed_run, run_params
 from pipeline.train.data import load_pairs
 from pipeline.train.metrics import read_metrics
 from pipeline.train.stage import make_trainer
@@ -49,8 +49,9 @@ def run_trial(params: dict, cfg: Config, out: str, reference_fingerprint: str, p
         raise result.error
 
 
-def release_stopped_trial_resources():
-    """A Tune callback that frees the train workers' placement group of a trial that has ended.
+def release_stopped_trial_resources(cfg: Config, out: str):
+    """A Tune callback that frees the train workers' placement group of a trial that has ended, and ends its
+    tracked MLflow run if the trial's workers could not (KILLED when ASHA stopped it, FAILED when it failed).
 
     A trial's TorchTrainer creates its workers' placement group from the Train controller, an actor the trial owns;
     the group itself lives as long as the sweep's driver. When Tune ends the trial's actor (ASHA stopping it, or
@@ -65,9 +66,16 @@ def release_stopped_trial_resources():
     class ReleaseStoppedTrialResources(tune.Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._release(trial)
+            self._end_tracked_run(trial, "KILLED")  # a finished trial ended its run itself: only a stopped one
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self._release(trial)
+            self._end_tracked_run(trial, "FAILED")
+
+        def _end_tracked_run(self, trial, status: str):
+            if cfg.run.trackers:
+                folder = trial_folder(trial.config["beta"], trial.config["dpop_lambda"], trial.trial_id)
+                end_killed_run(storage.join(out, "trials", folder), status)
 
         def _release(self, trial):
             group_id = (trial.last_result or {}).get("placement_group")
@@ -134,6 +142,7 @@ def trial_table(results, cfg: Config, out: str) -> tuple[list[dict], dict[str, l
         curves[trial_id] = metrics
         final = metrics[-1] if metrics else {}
         values = [m[tc.metric] for m in metrics if tc.metric in m]
+        model_step, kept = kept_value(metrics, tc.metric)
         if result.error:
             status = "failed"
         elif final.get("step", 0) >= max_steps or final.get("early_stopping/stopped"):
@@ -151,6 +160,8 @@ def trial_table(results, cfg: Config, out: str) -> tuple[list[dict], dict[str, l
             "metric": tc.metric,
             "final_metric": values[-1] if values else None,
             "best_metric": (min(values) if tc.mode == "min" else max(values)) if values else None,
+            "model_step": model_step,
+            "kept_metric": kept,
             **{key: final.get(key) for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen",
                                                "logps/rejected", "dpop/penalty_active", "eval/loss",
                                                "eval/rewards/accuracies", "eval/rewards/margins",
@@ -161,12 +172,23 @@ def trial_table(results, cfg: Config, out: str) -> tuple[list[dict], dict[str, l
     return rows, curves
 
 
+def kept_value(metrics: list[dict], metric: str) -> tuple[int | None, float | None]:
+    """The step whose weights a trial's model/ holds, and `metric` there: with train.early_stopping the best
+    evaluation's step (early_stopping/best_step), else the last row that carries the metric."""
+    best_step = next((m["early_stopping/best_step"] for m in reversed(metrics)
+                      if m.get("early_stopping/best_step") is not None), None)
+    rows = [m for m in metrics if metric in m and best_step in (None, m["step"])]
+    return (rows[-1]["step"], rows[-1][metric]) if rows else (best_step, None)
+
+
 def best_trial(rows: list[dict], mode: str) -> dict | None:
-    """The trial with the best last value of the metric among those that did not fail."""
-    scored = [r for r in rows if r["status"] != "failed" and r["final_metric"] is not None]
+    """The trial whose kept weights score best (kept_metric: the metric at the step its model/ holds) among those
+    that did not fail. Ranking by the last value instead would, with early stopping, describe weights that were
+    not saved."""
+    scored = [r for r in rows if r["status"] != "failed" and r["kept_metric"] is not None]
     if not scored:
         return None
-    return (min if mode == "min" else max)(scored, key=lambda r: r["final_metric"])
+    return (min if mode == "min" else max)(scored, key=lambda r: r["kept_metric"])
 
 
 def sweep(cfg: Config, stage) -> dict:
@@ -212,7 +234,7 @@ def sweep(cfg: Config, stage) -> dict:
                                         num_samples=tc.num_samples, max_concurrent_trials=concurrency),
             # verbose=0: no trial tables on stdout; the workers' [dpop] lines show each step, ours each result.
             run_config=tune.RunConfig(name=f"ray-{stage.fingerprint}", storage_path=stage.out, verbose=0,
-                                      callbacks=[release_stopped_trial_resources()],
+                                      callbacks=[release_stopped_trial_resources(cfg, stage.out)],
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
         )
     print(f"[dpop] tune: β {', '.join(f'{b:g}' for b in tc.beta)} × λ {', '.join(f'{v:g}' for v in tc.dpop_lambda)} "
@@ -230,7 +252,8 @@ def sweep(cfg: Config, stage) -> dict:
     best_json = None
     if best:
         best_json = {"beta": best["beta"], "dpop_lambda": best["dpop_lambda"], "metric": tc.metric, "mode": tc.mode,
-                     "value": best["final_metric"], "trial_id": best["trial_id"], "status": best["status"],
+                     "value": best["kept_metric"], "model_step": best["model_step"], "trial_id": best["trial_id"],
+                     "status": best["status"],
                      "model": best["model"], "checkpoint": best["checkpoint"],
                      "metrics": {k: v for k, v in best.items() if "/" in k or k == "loss"}}
         storage.write_json(storage.join(stage.out, "best.json"), best_json)
@@ -240,7 +263,7 @@ def sweep(cfg: Config, stage) -> dict:
         print(f"[dpop] tune: β={r['beta']:g} λ={r['dpop_lambda']:g} {r['status']} at step {r['steps']}{shown}"
               + (f" ({r['error'][-200:]})" if r["error"] else ""), flush=True)
     if best_json:
-        print(f"[dpop] tune: best β={best['beta']:g} λ={best['dpop_lambda']:g} {tc.metric} {best['final_metric']:.4g}",
-              flush=True)
+        print(f"[dpop] tune: best β={best['beta']:g} λ={best['dpop_lambda']:g} {tc.metric} {best['kept_metric']:.4g} "
+              f"(its model/: step {best['model_step']})", flush=True)
     return {"rows": len(rows), "trials": statuses, "sweep_seconds": seconds, "max_concurrent_trials": concurrency,
             "best": best_json}

@@ -39,6 +39,9 @@ TASK_METRICS = {
 # in fp32 on the tiny model, 3.4e-4 on SmolLM2-135M) is not a drop, and would otherwise make a policy identical to
 # the reference look half "active" at step 1.
 BELOW_REFERENCE_NATS = 1e-3
+# The same where the policy or the reference computes in bf16 (config.below_reference_nats): bf16 kernels move a
+# completion's log-prob by more than fp32 rounding does (jobs/benchmarks/bf16_parity.json, docs/training.md).
+BELOW_REFERENCE_NATS_BF16 = 0.05
 # Below this median token edit distance between chosen and rejected, plain DPO tends to lower the chosen
 # completion's likelihood (Smaug, Fig. 2 and Sec. 3: pairs that differ in a few tokens); training warns when such
 # data runs with dpop_lambda = 0, and the pairs stage marks it on its histogram.

@@ -82,4 +82,15 @@ def demo_config(tmp, model: str, name: str = "demo", n_pairs: int = 240, **train
     return write_config(tmp / f"{name}.yaml", raw)
 
 
+def saved_weights(folder) -> dict:
+    """Every tensor of a saved policy folder, from all its safetensors files (each train worker writes its own)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    assert files, f"{folder} holds no safetensors file"
+    return {name: tensor for file in files for name, tensor in load_file(file).items()}
+
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a hub

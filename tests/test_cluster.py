@@ -157,6 +157,38 @@ def test_storage_round_trip_on_s3(s3_env):
     assert not storage.exists(f"{root}/a/_manifest.json")
 
 
+def test_of_two_runs_started_together_on_s3_exactly_one_holds_the_lock(s3_env):
+    """The run lock on S3 is a conditional PUT: of two processes taking it at the same instant, in each of five
+    rounds, exactly one holds it and the other names the holder."""
+    from test_runner import TAKE_LOCK, start_together
+
+    env = {**os.environ, **s3_env}
+    for round_ in range(5):
+        run = f"s3://{BUCKET}/locks/run{round_}"
+        results = start_together([[sys.executable, "-c", TAKE_LOCK, run, str(time.time() + 2)]] * 2, env=env)
+        held = [r for r in results if r.returncode == 0]
+        assert len(held) == 1, [r.stdout + r.stderr[-500:] for r in results]
+        refused = next(r for r in results if r.returncode != 0)
+        assert f"pid {held[0].stdout.split()[1]}, started 20" in refused.stderr
+        assert not storage.exists(f"{run}/_lock.json")  # the holder removed it
+
+
+def test_an_engine_on_an_object_store_policy_leaves_no_copy_behind(s3_env, tiny_model):
+    """An engine reads a policy saved to S3 from a local copy that it removes once loaded (one per actor per model
+    would fill a node's disk over a sweep), and scores as the local folder does."""
+    import glob
+
+    from pipeline.engines import HFEngine
+
+    uri = f"s3://{BUCKET}/models/tiny"
+    storage.upload_dir(tiny_model, uri)
+    copies = set(glob.glob(os.path.join(tempfile.gettempdir(), "dpop-model-*")))
+    engine = HFEngine(uri, "float32", False, 4, False)
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "dpop-model-*"))) == copies
+    local = HFEngine(tiny_model, "float32", False, 4, False)
+    assert engine.logps([[5, 6, 7]], [[8, 9]]) == local.logps([[5, 6, 7]], [[8, 9]])
+
+
 def test_token_authentication_is_on(head):
     accepted = ray_job(head, "list")
     assert accepted.returncode == 0, accepted.stderr[-3000:]

@@ -61,7 +61,7 @@ def test_pair_metrics_against_the_closed_form():
     items = [{"ref": r, "requests": [2 * i, 2 * i + 1]} for i, r in enumerate(ref)]
     answers = {2 * i + j: {"logp": policy[i][j]} for i in range(2) for j in range(2)}
     beta = 0.5
-    metrics = pair_metrics(items, answers, beta)
+    metrics = pair_metrics(items, answers, beta, below_reference=1e-3)
     # pair 0: chosen +1, rejected -2 -> margin 0.5 * 3 = 1.5; pair 1: chosen -1, rejected +0.5 -> -0.75.
     assert metrics["logps/chosen_change"] == pytest.approx((1 - 1) / 2)
     assert metrics["logps/rejected_change"] == pytest.approx((-2 + 0.5) / 2)
@@ -69,8 +69,10 @@ def test_pair_metrics_against_the_closed_form():
     assert metrics["rewards/accuracies"] == 0.5
     assert metrics["acc"] == 0.5  # pair 0 prefers chosen, pair 1 does not
     assert metrics["logps/chosen_below_reference"] == 0.5
+    # Pair 1's chosen is 1 nat below its reference: not "below" at a 1-nat threshold.
+    assert pair_metrics(items, answers, beta, below_reference=1.0)["logps/chosen_below_reference"] == 0.0
     assert metrics["logps/chosen"] == pytest.approx(-7.5)
-    reference = pair_metrics(items, None, None)
+    reference = pair_metrics(items, None, None, below_reference=1e-3)
     assert reference == {"acc": 1.0, "logps/chosen": -7.5, "logps/rejected": pytest.approx(-8.75)}
     assert all(math.isfinite(v) for v in metrics.values())
 

@@ -254,7 +254,8 @@ def test_two_dropped_rows_beside_four_hundred_pairs_are_seen(tmp_path, drawn):
 def test_titles_fit_and_steps_are_whole(tmp_path, drawn):
     from pipeline import plots
 
-    rows = [{"trial_id": f"x_0000{i}", "beta": 0.1, "dpop_lambda": lam, "status": "finished", "final_metric": 0.5}
+    rows = [{"trial_id": f"x_0000{i}", "beta": 0.1, "dpop_lambda": lam, "status": "finished", "final_metric": 0.5,
+             "kept_metric": 0.5}
             for i, lam in enumerate((0.0, 50.0))]
     plots.sweep_heatmap(rows, "eval/rewards/accuracies", "max", str(tmp_path / "heatmap.png"))
     fig = drawn[-1]

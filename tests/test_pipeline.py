@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import demo_config, read_manifest
+from conftest import demo_config, read_manifest, saved_weights
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.runner import plan
@@ -222,8 +222,6 @@ def test_early_stopping_ends_the_run_and_keeps_the_best_evaluations_weights(demo
     """min_delta 1e9: only the first evaluation (step 2) counts as an improvement, so the run ends at the second
     evaluation after it (patience 2, step 6) and model/ must be the step-2 policy: the same weights a plain 2-step
     run ends with (constant learning rate, so the first steps do not depend on max_steps)."""
-    from safetensors.torch import load_file
-
     config, run_dir, _ = demo
     for name in ("early", "two_steps"):  # the demo's pairs and reference, current under another run name
         for stage in ("pairs", "reference"):
@@ -242,8 +240,8 @@ def test_early_stopping_ends_the_run_and_keeps_the_best_evaluations_weights(demo
     assert [r["early_stopping/best_step"] for r in rows if "eval/loss" in r] == [2, 2, 2]
 
     assert main(["run", config, "--set", "run.name=two_steps", "--set", "train.max_steps=2", *common]) == 0
-    best = load_file(run_dir.parent / "early" / "train" / "model" / "model.safetensors")
-    two_steps = load_file(run_dir.parent / "two_steps" / "train" / "model" / "model.safetensors")
+    best = saved_weights(run_dir.parent / "early" / "train" / "model")
+    two_steps = saved_weights(run_dir.parent / "two_steps" / "train" / "model")
     assert best.keys() == two_steps.keys()
     for name, tensor in best.items():
         assert (tensor - two_steps[name]).abs().max().item() < 1e-6, name
@@ -326,7 +324,7 @@ def test_unfinished_train_resumes_exactly_from_latest_checkpoint(demo):
         for key in ("loss", "logps/chosen", "logps/rejected", "eval/loss"):
             if key in before:
                 assert after[key] == pytest.approx(before[key], abs=1e-5), (before["step"], key)
-    assert (run_dir / "train" / "model" / "model.safetensors").exists()
+    assert saved_weights(run_dir / "train" / "model")
 
 
 def test_a_lost_train_worker_is_replaced_and_the_run_finishes(demo):

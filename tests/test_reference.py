@@ -105,3 +105,18 @@ def test_nonfinite_reference_log_probs_are_dropped_and_named(pairs_dataset, tmp_
     table = pq.read_table(tmp_path / "reference").to_pandas()
     assert len(table) == reference["rows"] and table[["ref_chosen_logp", "ref_rejected_logp"]].map(math.isfinite).all().all()
     assert not set(table.pair_id) & expected
+
+
+def test_vllm_memory_share_leaves_room_for_prompt_log_probs():
+    """vLLM's profiling misses the prompt log-probs' transient (tokens x vocabulary x 6 bytes: 7.0 GiB for
+    jobs/gpu.yaml's 8,192 tokens and a 152k vocabulary); the share handed to vLLM leaves room for it and 2 GiB."""
+    from pipeline.engines import safe_memory_utilization
+
+    transient = 8192 * 152064 * 6
+    assert transient / 2**30 == pytest.approx(6.96, abs=0.01)
+    for total in (40e9, 80e9, 141e9):
+        share = safe_memory_utilization(0.85, int(total), 8192, 152064)
+        assert share <= 0.85
+        assert share * total + transient + 2 * 2**30 <= total + 1
+    assert safe_memory_utilization(0.85, int(80e9), 8192, 152064) == 0.85  # room enough
+    assert safe_memory_utilization(0.85, int(40e9), 8192, 152064) == pytest.approx(0.759, abs=1e-3)

@@ -21,6 +21,7 @@ def sweep_config(tmp_path_factory, tiny_model, ray_cluster):
         raw = yaml.safe_load(f)
     # transformers for the reference pass: vLLM's (its engine's start) is covered by test_reference and the demo.
     raw["reference"]["backend"] = "hf"
+    raw["run"]["trackers"] = ["mlflow"]  # every trial's run must end FINISHED, KILLED or FAILED, never RUNNING
     write_config(config, {**raw, "tune": tune})
     assert main(["run", config, "--stages", "pairs,reference"]) == 0
     return config, tmp / "runs" / "sweep"
@@ -55,14 +56,40 @@ def test_two_by_two_sweep_shares_one_reference_pass(sweep):
         assert (run_dir / "tune" / name).stat().st_size > 10_000
 
 
+def mlflow_status(run_dir, trial: dict) -> str:
+    """The MLflow status of a trials.parquet row's tracked run."""
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tune import trial_folder
+
+    folder = trial_folder(trial["beta"], trial["dpop_lambda"], trial["trial_id"])
+    state = json.loads((run_dir / "tune" / "trials" / folder / "tracking.json").read_text())
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return MlflowClient(tracking_uri=state["mlflow_tracking_uri"]).get_run(state["mlflow_run_id"]).info.status
+
+
+def test_every_trials_tracked_run_ends_as_the_trial_did(sweep):
+    """A finished trial's MLflow run is FINISHED; one that ASHA stopped (its workers killed before they could end
+    it) is marked KILLED by the sweep's driver: none stays RUNNING."""
+    _, run_dir, _ = sweep
+    trials = pq.read_table(run_dir / "tune" / "trials.parquet").to_pylist()
+    expected = {"finished": "FINISHED", "stopped_early": "KILLED"}
+    assert [mlflow_status(run_dir, t) for t in trials] == [expected[t["status"]] for t in trials]
+
+
 def test_best_json_is_the_best_trial_in_trials_parquet(sweep):
     _, run_dir, _ = sweep
     trials = pq.read_table(run_dir / "tune" / "trials.parquet").to_pandas()
     best = json.loads((run_dir / "tune" / "best.json").read_text())
     candidates = trials[trials.status != "failed"]
-    top = candidates.loc[candidates.final_metric.idxmin()]
-    assert (best["beta"], best["dpop_lambda"], best["value"]) == (top.beta, top.dpop_lambda, top.final_metric)
-    assert best["metric"] == "eval/loss" and best["value"] == candidates.final_metric.min()
+    top = candidates.loc[candidates.kept_metric.idxmin()]
+    assert (best["beta"], best["dpop_lambda"], best["value"]) == (top.beta, top.dpop_lambda, top.kept_metric)
+    assert best["metric"] == "eval/loss" and best["value"] == candidates.kept_metric.min()
+    # No early stopping here: each trial's model/ is its last step's, ranked by the last value.
+    assert (candidates.kept_metric == candidates.final_metric).all()
+    assert (candidates.model_step == candidates.steps).all()
     if best["status"] == "finished":
         assert (run_dir / "tune" / best["model"].split("/tune/", 1)[1] / "config.json").exists()
 
@@ -135,3 +162,24 @@ def test_a_failing_trial_is_recorded_and_the_others_finish(sweep_config):
     best = json.loads((run_dir / "tune" / "best.json").read_text())
     assert best["beta"] == 0.1
     assert read_manifest(run_dir, "tune")["trials"] == {"finished": 1, "stopped_early": 0, "failed": 1}
+    rows = {t["beta"]: t for t in pq.read_table(run_dir / "tune" / "trials.parquet").to_pylist()}
+    assert mlflow_status(run_dir, rows[1e38]) == "FAILED" and mlflow_status(run_dir, rows[0.1]) == "FINISHED"
+
+
+def test_trials_rank_by_the_weights_they_kept():
+    """With early stopping a trial's model/ holds its best evaluation's weights, so the trial is ranked (and
+    best.json's value given) by the metric at that step, not by its last value: here the trial whose last
+    evaluation is highest kept weights that score lower than the other trial's."""
+    from pipeline.tune import best_trial, kept_value
+
+    metric = "eval/rewards/accuracies"
+    stopped = [{"step": 10, metric: 0.5}, {"step": 20, metric: 0.9, "early_stopping/best_step": 10},
+               {"step": 30, metric: 0.9, "early_stopping/best_step": 10, "early_stopping/stopped": True}]
+    # Early stopping watched eval/loss (best at step 10); the sweep ranks by reward accuracy, which kept rising.
+    plain = [{"step": 10, metric: 0.6}, {"step": 30, metric: 0.7}]
+    assert kept_value(stopped, metric) == (10, 0.5) and kept_value(plain, metric) == (30, 0.7)
+    rows = [{"trial_id": name, "status": "finished", "final_metric": curve[-1][metric],
+             "model_step": kept_value(curve, metric)[0], "kept_metric": kept_value(curve, metric)[1]}
+            for name, curve in (("stopped", stopped), ("plain", plain))]
+    assert best_trial(rows, "max")["trial_id"] == "plain"
+    assert max(rows, key=lambda r: r["final_metric"])["trial_id"] == "stopped"  # what ranking by the last value picks

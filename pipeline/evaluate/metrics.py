@@ -3,7 +3,7 @@ against DPOP comparison the stage prints and the report shows."""
 import re
 from dataclasses import dataclass
 
-from pipeline.vocab import BELOW_REFERENCE_NATS, TASK_METRICS
+from pipeline.vocab import TASK_METRICS
 
 @dataclass
 class Model:
@@ -43,8 +43,9 @@ def _mean(values) -> float:
     return sum(values) / len(values)
 
 
-def pair_metrics(items: list[dict], answers: dict | None, beta: float | None) -> dict:
-    """Held-out pair metrics of one model. `answers` None: the reference itself (its log-probs are on storage)."""
+def pair_metrics(items: list[dict], answers: dict | None, beta: float | None, below_reference: float) -> dict:
+    """Held-out pair metrics of one model. `answers` None: the reference itself (its log-probs are on storage).
+    A chosen log-prob counts as below the reference beyond `below_reference` nats (config.below_reference_nats)."""
     ref = [item["ref"] for item in items]
     if answers is None:
         return {"acc": _mean(c > r for c, r in ref), "logps/chosen": _mean(c for c, _ in ref),
@@ -61,7 +62,7 @@ def pair_metrics(items: list[dict], answers: dict | None, beta: float | None) ->
         "logps/rejected": _mean(r for _, r in policy),
         "logps/chosen_change": _mean(chosen_change),
         "logps/rejected_change": _mean(rejected_change),
-        "logps/chosen_below_reference": _mean(c < -BELOW_REFERENCE_NATS for c in chosen_change),
+        "logps/chosen_below_reference": _mean(c < -below_reference for c in chosen_change),
     }
 
 

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 import psutil
 
 from pipeline import storage
-from pipeline.config import Config, training_dtype
+from pipeline.config import Config, below_reference_nats, training_dtype
 from pipeline.tracking import Trackers
 from pipeline.train.checkpoint import CheckpointManager
 from pipeline.train.data import TrainPairs, stream_indices
 from pipeline.train.metrics import MetricsLog, say
-from pipeline.train.parallel import load_policy, save_policy
-from pipeline.vocab import BELOW_REFERENCE_NATS, STAT_KEYS
+from pipeline.train.parallel import device_mesh, load_policy, save_policy
+from pipeline.vocab import STAT_KEYS
 
 
 def lr_lambda(step: int, warmup_steps: int, max_steps: int, schedule: str) -> float:
@@ -88,7 +88,6 @@ def setup(cfg: Config) -> Worker:
     import ray.train
     import ray.train.torch
     import torch
-    from torch.distributed.device_mesh import init_device_mesh
     from transformers import AutoTokenizer
 
     from pipeline.logprobs import layout_for
@@ -98,7 +97,8 @@ def setup(cfg: Config) -> Worker:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.run.seed)
-    model, model_dtype = load_policy(cfg.model.name_or_path, remote_code, init_device_mesh(device.type, (world,)),
+    shard_size = shard_group_size(cfg, context)
+    model, model_dtype = load_policy(cfg.model.name_or_path, remote_code, device_mesh(device.type, world, shard_size),
                                      device, mixed_precision=training_dtype(cfg) == "bfloat16",
                                      activation_checkpointing=t.activation_checkpointing, lora=t.lora,
                                      reshard_after_forward=t.reshard_after_forward,
@@ -124,6 +124,29 @@ def setup(cfg: Config) -> Worker:
                                     lora=t.lora is not None)
     return Worker(cfg, model, optimizer, scheduler, tokenizer, pad_id, device, rank, world, save_dtype, layout,
                   parameters, checkpoints, early_stopping)
+
+
+def shard_group_size(cfg: Config, context) -> int:
+    """train.shard_size; unset: the workers on one node with GPUs (HSDP across nodes), all of them on CPUs. Says
+    when a shard group spans nodes (its per-layer all-gathers then cross them): Ray numbers the workers node by
+    node, so that happens only when a node holds a number of workers that shard_size does not divide."""
+    import ray
+    import torch.distributed as dist
+
+    world = context.get_world_size()
+    size = cfg.train.shard_size or (context.get_local_world_size() if cfg.train.use_gpu else world)
+    if world % size:
+        size = world  # nodes with unequal worker counts: one group, plain FSDP
+    nodes = [None] * world
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    groups = [set(nodes[start:start + size]) for start in range(0, world, size)]
+    if context.get_world_rank() == 0:
+        layout = f"{world // size} replica(s) x {size} shard(s)" if size < world else f"{world} shard(s)"
+        say(f"FSDP2 over {layout}, on {len(set(nodes))} node(s)")
+        if any(len(group) > 1 for group in groups):
+            say(f"warning: a shard group of {size} workers spans nodes, so its all-gathers cross them; set "
+                f"train.shard_size to the workers per node")
+    return size
 
 
 def concatenated_forward(model, batch: dict, pad_id: int, layout: str, device):
@@ -160,7 +183,7 @@ def dpop_step_stats(worker: Worker, batch: dict):
         policy_chosen.detach().sum(),
         policy_rejected.detach().sum(),
         out.penalty.sum(),
-        (out.penalty > BELOW_REFERENCE_NATS).float().sum(),
+        (out.penalty > below_reference_nats(worker.cfg)).float().sum(),
         ref_gap.sum(),
         torch.tensor(float(len(ref_chosen)), device=device),
     ])
@@ -253,25 +276,40 @@ def keep_if_best(worker: Worker, metrics: dict, step: int, out: str) -> bool:
 
 def train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker: setup, resume, the steps with their logging, evaluation and checkpoints,
-    then the final policy."""
-    import ray
-    import ray.train
-    import ray.util
-
+    then the final policy (run_steps); the trackers end FINISHED, or FAILED if anything raised."""
     # Ray Train logs every report call, metrics and all, at INFO on a logger named by its file path (not under
     # "ray.train"), which only the root level reaches. Our own progress lines are printed.
     logging.getLogger().setLevel(logging.WARNING)
     cfg, out = loop_config["config"], loop_config["out"]
-    t = cfg.train
     # Where the run's time goes, as Unix times, for timings.json: this process's start (Ray Train starting the
     # worker), then each phase's end. All but the steps are fixed costs that a longer run does not repeat.
     marks = {"process_started": psutil.Process().create_time(), "loop_entered": time.time()}
     worker = setup(cfg)
     start_step = worker.checkpoints.restore()
-    metrics_log = MetricsLog(storage.join(out, "metrics.jsonl"), start_step) if worker.rank == 0 else None
     tracking = loop_config["tracking"]
     trackers = Trackers(cfg, out, tracking["name"], tracking["params"]) \
         if worker.rank == 0 and cfg.run.trackers else None
+    try:
+        run_steps(worker, loop_config, start_step, trackers, marks)
+    except BaseException:
+        if trackers:  # not left RUNNING, and its files uploaded
+            trackers.close("FAILED")
+        raise
+    if trackers:
+        trackers.close()
+    if worker.rank == 0:
+        storage.write_json(storage.join(out, "timings.json"), {k: round(v, 3) for k, v in marks.items()})
+
+
+def run_steps(worker: Worker, loop_config: dict, start_step: int, trackers: Trackers | None, marks: dict) -> None:
+    """The steps from `start_step` on, with their logging, evaluation and checkpoints, then the final policy."""
+    import ray
+    import ray.train
+    import ray.util
+
+    cfg, out = loop_config["config"], loop_config["out"]
+    t = cfg.train
+    metrics_log = MetricsLog(storage.join(out, "metrics.jsonl"), start_step) if worker.rank == 0 else None
     # The workers' placement group, reported so that a sweep can free it if Tune ends this run early.
     placement_group = ray.util.get_current_placement_group()
     reported = {"placement_group": placement_group.id.hex()} if placement_group else {}
@@ -322,10 +360,6 @@ def train_loop(loop_config: dict) -> None:
         # (With early stopping, model/ was written at the best evaluation.)
         save_policy(worker.model, worker.tokenizer, out, worker.save_dtype, worker.cfg.train.lora)
     marks["policy_saved"] = time.time()
-    if trackers:
-        trackers.close()
-    if worker.rank == 0:
-        storage.write_json(storage.join(out, "timings.json"), {k: round(v, 3) for k, v in marks.items()})
 
 
 def peak_memory_mb(device) -> float:

@@ -8,10 +8,20 @@ from pipeline import storage
 from pipeline.train.metrics import say
 
 
+def device_mesh(device_type: str, world: int, shard_size: int):
+    """The workers' mesh: 1-D when one shard group holds every worker (plain FSDP), else 2-D, (replicas, shards)
+    with rows of consecutive ranks as the shard groups, on which `fully_shard` is HSDP."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if shard_size == world:
+        return init_device_mesh(device_type, (world,))
+    return init_device_mesh(device_type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
+
+
 def parallelize(model, mesh, mixed_precision: bool, activation_checkpointing: bool,
                 reshard_after_forward: bool = True, cpu_offload: bool = False) -> None:
     """All parallelism in one place: FSDP2 `fully_shard` on each decoder layer (and an untied input embedding),
-    then on the root.
+    then on the root, over `mesh` (device_mesh: 2-D for HSDP).
 
     Sharding layer by layer lets FSDP2 gather one layer's weights at a time. With `mixed_precision`, compute runs
     in bf16 while parameters, gradients' reduction and optimizer state stay fp32. `reshard_after_forward`

@@ -37,7 +37,10 @@ def make_trainer(cfg: Config, out: str, run_name: str, pairs: dict, tracking: di
         # those, NCCL the rest.
         torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl") if t.use_gpu and t.cpu_offload else None,
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                               resources_per_worker={"CPU": t.cpus_per_worker}),
+                                               resources_per_worker={"CPU": t.cpus_per_worker},
+                                               # As few nodes as possible; Ray numbers the workers node by node,
+                                               # so consecutive ranks (a shard group) share a node.
+                                               placement_strategy="PACK"),
         run_config=ray.train.RunConfig(name=run_name, storage_path=out, callbacks=list(callbacks),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
                                        # A lost worker restarts the group from the newest checkpoint.
