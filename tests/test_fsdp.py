@@ -39,10 +39,18 @@ def full_tensor(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def test_meta_device_loading_gives_the_saved_weights_and_buffers(mesh, tiny_model):
-    model, saved_dtype = load_policy(tiny_model, False, mesh, torch.device("cpu"), mixed_precision=False,
+@pytest.mark.parametrize("tied", [False, True])
+def test_meta_device_loading_gives_the_saved_weights_and_buffers(mesh, tmp_path, tiny_model, tied):
+    """The demo's model (untied head) and a tied one (as SmolLM2's: the head is the embedding table, and the files
+    hold it once)."""
+    if tied:
+        llama(tied=True).save_pretrained(tmp_path)
+    folder = str(tmp_path) if tied else tiny_model
+    model, saved_dtype = load_policy(folder, False, mesh, torch.device("cpu"), mixed_precision=False,
                                      activation_checkpointing=False)
-    reference = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    head = model.get_output_embeddings().weight
+    assert (head is model.get_input_embeddings().weight) == tied
     loaded = {k: full_tensor(v) for k, v in model.state_dict().items()}
     assert loaded.keys() == reference.state_dict().keys()
     for name, value in reference.state_dict().items():

@@ -18,7 +18,7 @@ CLUSTER = """
 import sys
 from ray.cluster_utils import Cluster
 
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # all work on the worker nodes
 nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
 cluster.wait_for_nodes()
 print(cluster.address, flush=True)
@@ -26,6 +26,10 @@ for line in sys.stdin:
     if line.startswith("remove"):
         cluster.remove_node(nodes[int(line.split()[1])])
         print("removed", flush=True)
+    elif line.startswith("add"):
+        nodes.append(cluster.add_node(num_cpus=2))
+        cluster.wait_for_nodes()
+        print("added", flush=True)
 cluster.shutdown()
 """
 
@@ -53,11 +57,12 @@ def run(env: dict, config: str, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def hsdp_config(tmp_path_factory, tiny_model):
-    """The demo config on S3, 4 CPU train workers of one logical CPU each (the cluster's nodes have 2)."""
+    """The demo config on S3, 4 CPU train workers of one logical CPU each (the cluster's worker nodes have 2, the
+    head none), a checkpoint every 2 steps."""
     tmp = tmp_path_factory.mktemp("multinode")
     config = demo_config(tmp, tiny_model, name="hsdp", n_pairs=120, num_workers=4, cpus_per_worker=1.0,
-                         batch_size=8, micro_batch_size=2, max_steps=4, log_every=1, eval_every=0,
-                         checkpoint_every=0, warmup_steps=1)
+                         batch_size=8, micro_batch_size=2, max_steps=6, log_every=1, eval_every=0,
+                         checkpoint_every=2, warmup_steps=1)
     raw = yaml.safe_load(open(config))
     raw["run"]["storage"] = f"s3://{BUCKET}/multinode"
     raw["reference"]["backend"] = "hf"
@@ -81,7 +86,41 @@ def test_hsdp_two_by_two_across_two_nodes_equals_fsdp(multinode, hsdp_config):
     assert fsdp.returncode == 0, fsdp.stdout[-3000:] + fsdp.stderr[-3000:]
     assert "FSDP2 over 4 shard(s)" in fsdp.stdout + fsdp.stderr
     fsdp_rows = [json.loads(line) for line in storage.read_text(f"{run_uri}/train/metrics.jsonl").splitlines()]
-    assert [r["step"] for r in hsdp_rows] == [r["step"] for r in fsdp_rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in hsdp_rows] == [r["step"] for r in fsdp_rows] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(hsdp_rows, fsdp_rows):
+        for key in ("loss", "logps/chosen", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+
+
+def test_a_node_lost_after_the_first_checkpoint_the_run_finishes_on_a_new_one(multinode, hsdp_config):
+    """A worker node (two of the four train workers) is removed once the step-2 checkpoint is on S3; a new node
+    joins. Ray Train restarts the workers from that checkpoint, each reading its own slices from S3, and the run
+    ends with the uninterrupted run's steps and losses (the test above's last run, the same but for shard_size).
+    """
+    import time
+
+    cluster, env = multinode
+    run_uri = f"s3://{BUCKET}/multinode/hsdp"
+    uninterrupted = [json.loads(line) for line in storage.read_text(f"{run_uri}/train/metrics.jsonl").splitlines()]
+    config = hsdp_config
+    args = ["--stages", "train", "--force", "train", "--set", "train.shard_size=2", "--set", "train.max_failures=2"]
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline", "run", config, *args], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while not any("/step_000002/" in f for f, _ in storage.list_files(f"{run_uri}/train")):
+        assert driver.poll() is None and time.time() < deadline, driver.stdout.read()[-3000:]
+        time.sleep(0.5)
+    cluster.stdin.write("remove 1\n")
+    cluster.stdin.flush()
+    assert cluster.stdout.readline().strip() == "removed"
+    cluster.stdin.write("add\n")
+    cluster.stdin.flush()
+    assert cluster.stdout.readline().strip() == "added"
+    output = driver.communicate(timeout=900)[0]
+    assert driver.returncode == 0, output[-3000:]
+    resumed = [json.loads(line) for line in storage.read_text(f"{run_uri}/train/metrics.jsonl").splitlines()]
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    assert any(r.get("resumed_from_step") for r in resumed), "the run never restarted"
+    for a, b in zip(resumed, uninterrupted):
         for key in ("loss", "logps/chosen", "grad_norm"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)

@@ -110,6 +110,7 @@ def load_policy(path: str, trust_remote_code: bool, mesh, device, mixed_precisio
     base_dtype = torch.bfloat16 if lora and mixed_precision else torch.float32
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=base_dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # (from_config ties a head to its embedding, but not under init_empty_weights)
     disable_dropout(model)
     if lora:
         model = add_adapters(model, lora)
