@@ -58,10 +58,10 @@ def run(env: dict, config: str, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def hsdp_config(tmp_path_factory, tiny_model):
     """The demo config on S3, 4 CPU train workers of one logical CPU each (the cluster's worker nodes have 2, the
-    head none), a checkpoint every 2 steps."""
+    head none), a checkpoint every 2 steps; 12 steps, so that a node can be removed well before the end."""
     tmp = tmp_path_factory.mktemp("multinode")
     config = demo_config(tmp, tiny_model, name="hsdp", n_pairs=120, num_workers=4, cpus_per_worker=1.0,
-                         batch_size=8, micro_batch_size=2, max_steps=6, log_every=1, eval_every=0,
+                         batch_size=8, micro_batch_size=2, max_steps=12, log_every=1, eval_every=0,
                          checkpoint_every=2, warmup_steps=1)
     raw = yaml.safe_load(open(config))
     raw["run"]["storage"] = f"s3://{BUCKET}/multinode"
@@ -86,7 +86,7 @@ def test_hsdp_two_by_two_across_two_nodes_equals_fsdp(multinode, hsdp_config):
     assert fsdp.returncode == 0, fsdp.stdout[-3000:] + fsdp.stderr[-3000:]
     assert "FSDP2 over 4 shard(s)" in fsdp.stdout + fsdp.stderr
     fsdp_rows = [json.loads(line) for line in storage.read_text(f"{run_uri}/train/metrics.jsonl").splitlines()]
-    assert [r["step"] for r in hsdp_rows] == [r["step"] for r in fsdp_rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in hsdp_rows] == [r["step"] for r in fsdp_rows] == list(range(1, 13))
     for a, b in zip(hsdp_rows, fsdp_rows):
         for key in ("loss", "logps/chosen", "grad_norm"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
@@ -106,10 +106,19 @@ def test_a_node_lost_after_the_first_checkpoint_the_run_finishes_on_a_new_one(mu
     args = ["--stages", "train", "--force", "train", "--set", "train.shard_size=2", "--set", "train.max_failures=2"]
     driver = subprocess.Popen([sys.executable, "-m", "pipeline", "run", config, *args], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 600
-    while not any("/step_000002/" in f for f, _ in storage.list_files(f"{run_uri}/train")):
-        assert driver.poll() is None and time.time() < deadline, driver.stdout.read()[-3000:]
-        time.sleep(0.5)
+    started = time.time()
+
+    def steps_logged() -> list[int]:  # by this run (the file is the last run's until this one rewrites it)
+        text = storage.read_text(f"{run_uri}/train/metrics.jsonl") or ""
+        return [row["step"] for row in map(json.loads, text.splitlines()) if row["time"] > started]
+
+    def checkpoint_registered() -> bool:  # Train's controller has taken the step-2 checkpoint (on S3 before)
+        return any(uri.endswith("/checkpoint_manager_snapshot.json") and "step_000002" in storage.read_text(uri)
+                   for uri, _ in storage.list_files(f"{run_uri}/train"))
+
+    while not (any(step >= 3 for step in steps_logged()) and checkpoint_registered()):
+        assert driver.poll() is None and time.time() < started + 600, driver.stdout.read()[-3000:]
+        time.sleep(0.2)
     cluster.stdin.write("remove 1\n")
     cluster.stdin.flush()
     assert cluster.stdout.readline().strip() == "removed"
@@ -119,7 +128,7 @@ def test_a_node_lost_after_the_first_checkpoint_the_run_finishes_on_a_new_one(mu
     output = driver.communicate(timeout=900)[0]
     assert driver.returncode == 0, output[-3000:]
     resumed = [json.loads(line) for line in storage.read_text(f"{run_uri}/train/metrics.jsonl").splitlines()]
-    assert [r["step"] for r in resumed] == list(range(1, 7))
+    assert [r["step"] for r in resumed] == list(range(1, 13))
     assert any(r.get("resumed_from_step") for r in resumed), "the run never restarted"
     for a, b in zip(resumed, uninterrupted):
         for key in ("loss", "logps/chosen", "grad_norm"):
