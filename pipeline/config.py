@@ -267,8 +267,9 @@ class TrainSection(Section):
     below_reference_nats: Float | None = Field(None, gt=0)
     """How far below the reference a chosen log-prob must be to count as below it, in nats: train's
     dpop/penalty_active and eval's logps/chosen_below_reference. (The penalty itself has no threshold.) Unset: 1e-3
-    where the policy trains and the reference scores in fp32, 0.05 where either runs in bf16: at step 1, where the
-    policy is the reference, bf16 kernels alone put chosen log-probs up to that far apart (docs/training.md)."""
+    where the policy trains and the reference scores in fp32, 0.05 where either runs in bf16 (at step 1, where the
+    policy is the reference, bf16 kernels alone put the demo's chosen log-probs up to that far apart; a 30-layer
+    model on CPUs far more: measure yours, docs/training.md)."""
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """The dtype of the saved policy's weights (`model/`); `auto`: the model folder's own (its config's `dtype`),
     so a bf16 model comes back in bf16 at half the bytes of the fp32 it trains in. LoRA's `adapter/` stays fp32."""
