@@ -95,7 +95,8 @@ def summary(gaps: list[float]) -> dict:
     import numpy as np
 
     values = np.array(gaps)
-    return {"pairs": len(gaps), "mean_abs_gap": float(np.abs(values).mean()), "max_abs_gap": float(np.abs(values).max()),
+    return {"pairs": len(gaps), "mean_abs_gap": float(np.abs(values).mean()),
+            "max_abs_gap": float(np.abs(values).max()),
             "p99_abs_gap": float(np.quantile(np.abs(values), 0.99)),
             "below_reference_share": {f"{t:g}": float((values > t).mean()) for t in THRESHOLDS}}
 

@@ -319,8 +319,8 @@ def check_gpus(cfg: Config, stages: list[StageSpec]) -> None:
     names = {s.name for s in stages}
     ref = cfg.reference
     # Eval scores on actors with the reference section's resources; the stages' pools do not run at once.
-    backends = [b for name, b in ((Stage.REFERENCE, ref.backend), (Stage.EVAL, cfg.eval and (cfg.eval.backend or ref.backend)))
-                if name in names and b]
+    eval_backend = cfg.eval and (cfg.eval.backend or ref.backend)
+    backends = [b for name, b in ((Stage.REFERENCE, ref.backend), (Stage.EVAL, eval_backend)) if name in names and b]
     if backends and ref.use_gpu:
         per_actor = max(gpus_per_actor(cfg, b) for b in backends)
         needs["reference.use_gpu"] = (ref.num_actors * per_actor,
