@@ -277,6 +277,8 @@ def keep_if_best(worker: Worker, metrics: dict, step: int, out: str) -> bool:
 def train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker: setup, resume, the steps with their logging, evaluation and checkpoints,
     then the final policy (run_steps); the trackers end FINISHED, or FAILED if anything raised."""
+    import ray.train
+
     # Ray Train logs every report call, metrics and all, at INFO on a logger named by its file path (not under
     # "ray.train"), which only the root level reaches. Our own progress lines are printed.
     logging.getLogger().setLevel(logging.WARNING)
@@ -290,7 +292,7 @@ def train_loop(loop_config: dict) -> None:
     trackers = Trackers(cfg, out, tracking["name"], tracking["params"]) \
         if worker.rank == 0 and cfg.run.trackers else None
     try:
-        run_steps(worker, loop_config, start_step, trackers, marks)
+        final = run_steps(worker, loop_config, start_step, trackers, marks)
     except BaseException:
         if trackers:  # not left RUNNING, and its files uploaded
             trackers.close("FAILED")
@@ -299,10 +301,16 @@ def train_loop(loop_config: dict) -> None:
         trackers.close()
     if worker.rank == 0:
         storage.write_json(storage.join(out, "timings.json"), {k: round(v, 3) for k, v in marks.items()})
+    if final:
+        # The last row is reported only now, with the policy saved and the trackers closed: a sweep's scheduler may
+        # stop the trial at this report (ASHA does at max_t), which ends its workers.
+        ray.train.report(final)
 
 
-def run_steps(worker: Worker, loop_config: dict, start_step: int, trackers: Trackers | None, marks: dict) -> None:
-    """The steps from `start_step` on, with their logging, evaluation and checkpoints, then the final policy."""
+def run_steps(worker: Worker, loop_config: dict, start_step: int, trackers: Trackers | None,
+              marks: dict) -> dict | None:
+    """The steps from `start_step` on, with their logging, evaluation and checkpoints, then the final policy.
+    Returns the last step's row, for train_loop to report (None when no step was left to run)."""
     import ray
     import ray.train
     import ray.util
@@ -321,6 +329,7 @@ def run_steps(worker: Worker, loop_config: dict, start_step: int, trackers: Trac
             worker.rank, worker.world, t.micro_batch_size)
 
     worker.model.train()
+    final = None
     step_started = marks["setup_done"] = time.time()
     for step in range(start_step + 1, t.max_steps + 1):
         metrics = train_step(worker, pairs, step)
@@ -347,19 +356,22 @@ def run_steps(worker: Worker, loop_config: dict, start_step: int, trackers: Trac
             evaluated = f" | eval/loss {metrics['eval/loss']:.4g}" if "eval/loss" in metrics else ""
             say(f"step {step}/{t.max_steps} {shown}{evaluated} ({metrics['seconds_per_step']:.2f}s/step)")
         # ray.train.report blocks while the controller has not yet taken the previous report (it polls every 2 s),
-        # so only checkpoints, the last step and rows with the metric a sweep ranks by are reported: metrics.jsonl
-        # is written above. The condition is the same on every worker, as report requires.
-        if t.checkpoint_every and step % t.checkpoint_every == 0 and not last:
-            worker.checkpoints.save(step, {**metrics, **reported})
-        elif last or (logged and loop_config["report_metric"] in metrics):
-            ray.train.report({**metrics, **reported})
+        # so only checkpoints and rows with the metric a sweep ranks by are reported, and the last step after the
+        # save (train_loop): metrics.jsonl is written above. The condition is the same on every worker, as report
+        # requires.
         if last:
+            final = {**metrics, **reported}
             break
+        if t.checkpoint_every and step % t.checkpoint_every == 0:
+            worker.checkpoints.save(step, {**metrics, **reported})
+        elif logged and loop_config["report_metric"] in metrics:
+            ray.train.report({**metrics, **reported})
     marks["steps_done"] = time.time()
     if not worker.early_stopping or worker.early_stopping.best_step is None:
         # (With early stopping, model/ was written at the best evaluation.)
         save_policy(worker.model, worker.tokenizer, out, worker.save_dtype, worker.cfg.train.lora)
     marks["policy_saved"] = time.time()
+    return final
 
 
 def peak_memory_mb(device) -> float:
