@@ -127,7 +127,7 @@ def load_policy(path: str, trust_remote_code: bool, mesh, device, mixed_precisio
 
     state = get_model_state_dict(model)
     in_files = set(_safetensors_keys(path))
-    aliases = set(dict(model.named_parameters(remove_duplicate=False))) - set(dict(model.named_parameters()))
+    aliases = _tied_aliases(model)
     to_read, adapters = {}, []
     for name, tensor in state.items():
         if ".lora_A." in name or ".lora_B." in name:
@@ -148,6 +148,11 @@ def load_policy(path: str, trust_remote_code: bool, mesh, device, mixed_precisio
             sharded.copy_(distribute_tensor(full.to(sharded.device), sharded.device_mesh, sharded.placements,
                                             src_data_rank=None))
     return model, config.dtype
+
+
+def _tied_aliases(model) -> set[str]:
+    """Names of parameters that are another parameter under a second name (a tied head is the embedding table)."""
+    return set(dict(model.named_parameters(remove_duplicate=False))) - set(dict(model.named_parameters()))
 
 
 def _hf_name(name: str) -> str:
@@ -230,7 +235,7 @@ def _hf_tensors(model) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     state = get_model_state_dict(model)
-    aliases = set(dict(model.named_parameters(remove_duplicate=False))) - set(dict(model.named_parameters()))
+    aliases = _tied_aliases(model)
 
     def merged(prefix, weight, dtype):
         # peft's merge: W + scaling * (B @ A), in fp32, then cast
