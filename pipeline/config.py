@@ -20,7 +20,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic.fields import FieldInfo
 
 from pipeline.storage import is_remote
-from pipeline.vocab import (BELOW_REFERENCE_NATS, BELOW_REFERENCE_NATS_BF16, REPORTED_METRICS, TASK_METRICS,
+from pipeline.vocab import (BELOW_REFERENCE_NATS_PER_TOKEN, BELOW_REFERENCE_NATS_PER_TOKEN_BF16, REPORTED_METRICS,
+                            TASK_METRICS,
                             ConfigError)
 
 
@@ -264,12 +265,13 @@ class TrainSection(Section):
     (least memory: one layer's full weights at a time). False keeps them from forward to backward: one all-gather
     fewer per layer and micro-batch (less traffic between GPUs, most worth it across nodes), at the cost of
     holding every layer's full weights through the backward pass. The results are the same either way."""
-    below_reference_nats: Float | None = Field(None, gt=0)
-    """How far below the reference a chosen log-prob must be to count as below it, in nats: train's
-    dpop/penalty_active and eval's logps/chosen_below_reference. (The penalty itself has no threshold.) Unset: 1e-3
-    where the policy trains and the reference scores in fp32, 0.05 where either runs in bf16 (at step 1, where the
-    policy is the reference, bf16 kernels alone put the demo's chosen log-probs up to that far apart; a 30-layer
-    model on CPUs far more: measure yours, docs/training.md)."""
+    below_reference_nats_per_token: Float | None = Field(None, gt=0)
+    """How far below the reference a chosen completion's log-prob must be to count as below it, in nats per chosen
+    token (a pair counts when log p(chosen) < log p_ref(chosen) - this x its tokens): train's dpop/penalty_active and
+    eval's logps/chosen_below_reference. (The penalty itself has no threshold.) Unset: 1e-4 where the policy trains
+    and the reference scores in fp32, 0.025 where either runs in bf16: at step 1, where the policy is the reference,
+    bf16 activations alone put SmolLM2-135M's chosen log-probs up to 0.021 nats a token apart (docs/training.md;
+    measure yours with jobs/bench_bf16_parity.py or, on a GPU, jobs/gpu_check.py)."""
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """The dtype of the saved policy's weights (`model/`); `auto`: the model folder's own (its config's `dtype`),
     so a bf16 model comes back in bf16 at half the bytes of the fp32 it trains in. LoRA's `adapter/` stays fp32."""
@@ -675,12 +677,12 @@ def training_dtype(cfg: Config) -> str:
     return "bfloat16" if t.mixed_precision == "bf16" or (t.mixed_precision == "auto" and t.use_gpu) else "float32"
 
 
-def below_reference_nats(cfg: Config) -> float:
-    """train.below_reference_nats, or its default for the run's precisions."""
-    if cfg.train.below_reference_nats is not None:
-        return cfg.train.below_reference_nats
+def below_reference_nats_per_token(cfg: Config) -> float:
+    """train.below_reference_nats_per_token, or its default for the run's precisions."""
+    if cfg.train.below_reference_nats_per_token is not None:
+        return cfg.train.below_reference_nats_per_token
     fp32 = training_dtype(cfg) == "float32" and cfg.reference.dtype == "float32"
-    return BELOW_REFERENCE_NATS if fp32 else BELOW_REFERENCE_NATS_BF16
+    return BELOW_REFERENCE_NATS_PER_TOKEN if fp32 else BELOW_REFERENCE_NATS_PER_TOKEN_BF16
 
 
 def config_warnings(cfg: Config) -> list[str]:

@@ -5,7 +5,6 @@ policy and the reference are scored alike.
 - `HFEngine`: a transformers model doing the same through pipeline.logprobs.
 `engine_actor` gives `map_batches` the arguments of a pool whose actors (`EngineActor`) each hold one engine.
 """
-import math
 
 from pipeline import storage
 from pipeline.config import Config
@@ -132,32 +131,9 @@ class HFEngine:
         self.micro_batch_size = micro_batch_size
 
     def logps(self, prompts: list[list[int]], completions: list[list[int]]) -> list[float]:
-        import torch
+        from pipeline.logprobs import score_sequences
 
-        from pipeline.logprobs import completion_logps, layout_for, make_batch
-
-        # Completions after the same prompt (a pair's two, a question's choices) form one group, which shares the
-        # prompt's computation; groups go shortest first, so a micro-batch holds groups of similar length.
-        members: dict[tuple, list[int]] = {}
-        for i, prompt in enumerate(prompts):
-            members.setdefault(tuple(prompt), []).append(i)
-        groups = sorted(members.values(), key=lambda g: len(prompts[g[0]]) + sum(len(completions[i]) for i in g))
-        layout = layout_for(self.model)
-        logps = [0.0] * len(prompts)
-        with torch.inference_mode():
-            for start in range(0, len(groups), self.micro_batch_size):
-                chunk = groups[start:start + self.micro_batch_size]
-                batch = make_batch([(prompts[g[0]], [completions[i] for i in g]) for g in chunk], self.pad_id, layout)
-                scores = completion_logps(self.model, batch.to(self.device)).double().tolist()
-                for i, score in zip((i for g in chunk for i in g), scores):
-                    logps[i] = score
-            # A NaN or inf in one sequence's activations reaches every sequence it shares a packed row with
-            # (masked attention weighs it by 0, and 0 * NaN is NaN): each such sequence is scored again alone.
-            for i, score in enumerate(logps):
-                if not math.isfinite(score):
-                    alone = make_batch([(prompts[i], [completions[i]])], self.pad_id, "padded")
-                    logps[i] = completion_logps(self.model, alone.to(self.device)).double().item()
-        return logps
+        return score_sequences(self.model, prompts, completions, self.pad_id, self.micro_batch_size, self.device)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, stop: list[str]) -> list[str]:
         import torch

@@ -15,6 +15,7 @@ Either way the output head runs only on the positions that predict a completion 
 (`ChunkedTokenLogps`), so no (tokens, vocabulary) float tensor exists for the whole batch, in forward or backward.
 """
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -274,3 +275,31 @@ def completion_logps(model, batch: ScoringBatch) -> torch.Tensor:
         token_logps = scored.gather(1, batch.targets[:, None]).squeeze(1) - scored.logsumexp(1)
     sums = torch.zeros(batch.num_completions, dtype=torch.float32, device=token_logps.device)
     return sums.index_add(0, batch.owner, token_logps)
+
+
+def score_sequences(model, prompts: list[list[int]], completions: list[list[int]], pad_id: int,
+                    micro_batch_size: int, device) -> list[float]:
+    """Summed log-probs (float64 values) of each prompt + completion, as the reference and eval stages score them
+    (the `hf` backend): completions after the same prompt form one group, which shares the prompt's computation,
+    and groups go shortest first, `micro_batch_size` groups a forward, so a micro-batch holds groups of similar
+    length. A sequence whose score is not finite is scored again alone: a NaN or inf in one sequence's activations
+    reaches every sequence it shares a packed row with (masked attention weighs it by 0, and 0 * NaN is NaN)."""
+    members: dict[tuple, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        members.setdefault(tuple(prompt), []).append(i)
+    groups = sorted(members.values(), key=lambda g: len(prompts[g[0]]) + sum(len(completions[i]) for i in g))
+    layout = layout_for(model)
+    logps = [0.0] * len(prompts)
+    with torch.inference_mode():
+        for start in range(0, len(groups), micro_batch_size):
+            chunk = groups[start:start + micro_batch_size]
+            batch = make_batch([(prompts[g[0]], [completions[i] for i in g]) for g in chunk], pad_id, layout)
+            scores = completion_logps(model, batch.to(device)).double().tolist()
+            for i, score in zip((i for g in chunk for i in g), scores):
+                logps[i] = score
+        for i, score in enumerate(logps):
+            if not math.isfinite(score):
+                alone = make_batch([(prompts[i], [completions[i]])], pad_id, "padded")
+                logps[i] = completion_logps(model, alone.to(device)).double().item()
+    return logps
+

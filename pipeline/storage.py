@@ -1,13 +1,22 @@
-"""Run storage through pyarrow filesystems, so a local path and an s3:// or gs:// URI take one code path."""
+"""Run storage through pyarrow filesystems, so a local path and an s3:// or gs:// URI take one code path.
+
+pyarrow is imported by the functions that use it: the trainer's model code imports this module for its uploads, and
+must also run where only torch and transformers are installed (jobs/gpu_check.py on a bare GPU machine)."""
+from __future__ import annotations
+
 import json
 import os
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-import pyarrow.fs as pafs
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """The filesystem and the path inside it for a local path or an object-store URI."""
+    import pyarrow.fs as pafs
+
     if "://" not in uri:
         uri = os.path.abspath(uri)
     return pafs.FileSystem.from_uri(uri)
@@ -23,6 +32,8 @@ def join(uri: str, *parts: str) -> str:
 
 
 def exists(uri: str) -> bool:
+    import pyarrow.fs as pafs
+
     fs, path = resolve(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
@@ -30,6 +41,8 @@ def exists(uri: str) -> bool:
 def list_files(uri: str, recursive: bool = True) -> list[tuple[str, pafs.FileInfo]]:
     """(URI, info) of each file under a folder (or of the file itself), sorted; [] when nothing is there. Each URI
     keeps the scheme of `uri`, so it can go back to any function here."""
+    import pyarrow.fs as pafs
+
     fs, path = resolve(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
@@ -52,6 +65,8 @@ def read_text(uri: str) -> str | None:
 def write_text(uri: str, text: str) -> None:
     """Write a whole file. On object stores one PUT; locally written beside it and renamed, so readers never see
     half a file."""
+    import pyarrow.fs as pafs
+
     fs, path = resolve(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     local = isinstance(fs, pafs.LocalFileSystem)
@@ -64,6 +79,7 @@ def write_text(uri: str, text: str) -> None:
 
 def write_parquet(table, uri: str) -> None:
     """Write a whole Parquet file, atomically as write_text does."""
+    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
     fs, path = resolve(uri)
@@ -154,6 +170,8 @@ def local_copy(uri: str):
     per engine actor per model would otherwise fill a node's disk over a sweep)."""
     import tempfile
 
+    import pyarrow.fs as pafs
+
     if not is_remote(uri):
         yield uri
         return
@@ -163,14 +181,33 @@ def local_copy(uri: str):
         yield local
 
 
+@contextmanager
+def staged_dir(uri: str):
+    """A local folder whose files are at `uri` once the `with` ends: the folder itself when it is local (a 16 GB
+    policy written once, not written to a temporary folder and copied), else a temporary folder uploaded on exit."""
+    import tempfile
+
+    if not is_remote(uri):
+        os.makedirs(uri, exist_ok=True)
+        yield uri
+        return
+    with tempfile.TemporaryDirectory(prefix="dpop-upload-") as local:
+        yield local
+        upload_dir(local, uri)
+
+
 def upload_dir(local_dir: str, uri: str) -> None:
     """Copy a local folder's files to `uri` (a no-op copy when both are the same local folder)."""
+    import pyarrow.fs as pafs
+
     fs, path = resolve(uri)
     fs.create_dir(path, recursive=True)
     pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
 def upload_file(local_path: str, uri: str) -> None:
+    import pyarrow.fs as pafs
+
     fs, path = resolve(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     pafs.copy_files(local_path, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)

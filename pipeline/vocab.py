@@ -35,13 +35,15 @@ TASK_METRICS = {
 }
 
 # A policy's chosen log-prob counts as below the reference (train's dpop/penalty_active, eval's
-# logps/chosen_below_reference) only beyond this many nats: the two backends' float rounding (seen: under 1e-5 nats
-# in fp32 on the tiny model, 3.4e-4 on SmolLM2-135M) is not a drop, and would otherwise make a policy identical to
-# the reference look half "active" at step 1.
-BELOW_REFERENCE_NATS = 1e-3
-# The same where the policy or the reference computes in bf16 (config.below_reference_nats): bf16 kernels move a
-# completion's log-prob by more than fp32 rounding does (jobs/benchmarks/bf16_parity.json, docs/training.md).
-BELOW_REFERENCE_NATS_BF16 = 0.05
+# logps/chosen_below_reference) only beyond this many nats per chosen token (its mean token log-prob that far below):
+# two computations' float rounding (seen: under 1e-5 nats a sequence in fp32 on the tiny model, 3.4e-4 on
+# SmolLM2-135M) is not a drop, and would otherwise make a policy identical to the reference look half "active" at
+# step 1. Per token, because rounding noise adds up over a completion's tokens.
+BELOW_REFERENCE_NATS_PER_TOKEN = 1e-4
+# The same where the policy or the reference computes in bf16 (config.below_reference_nats_per_token): bf16
+# activations put a 30-layer model's log-probs up to 0.021 nats a token apart at step 1, from batch composition and
+# kernels alone (jobs/benchmarks/bf16_parity.json, docs/training.md).
+BELOW_REFERENCE_NATS_PER_TOKEN_BF16 = 0.025
 # Below this median token edit distance between chosen and rejected, plain DPO tends to lower the chosen
 # completion's likelihood (Smaug, Fig. 2 and Sec. 3: pairs that differ in a few tokens); training warns when such
 # data runs with dpop_lambda = 0, and the pairs stage marks it on its histogram.

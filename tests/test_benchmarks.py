@@ -36,3 +36,28 @@ def test_demo_benchmark_gives_each_second_to_one_category():
     assert seconds == {"work": 4.0, "first batch": 4.0, "model load": 1.0, "process start": 1.0, "save": 3.0,
                        "other": 2.0}
     assert sum(seconds.values()) == 15
+
+
+BARE_GPU_MACHINE = """
+import runpy, sys
+# What the GPU machine lacks (it has only torch, transformers and their dependencies): a None entry makes an import
+# fail and importlib.util.find_spec answer None, as for a module that is not installed.
+sys.modules.update(dict.fromkeys(["pyarrow", "ray", "vllm", "pydantic", "pandas"]))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_gpu_check_runs_with_only_torch_and_transformers(tmp_path):
+    """jobs/gpu_check.py on tiny shapes on CPU, with Ray, vLLM, pyarrow, pydantic and pandas unimportable: every part
+    runs, the bf16 parity compares both references, and the sharded save gives back every tensor exactly."""
+    out = tmp_path / "gpu_check.json"
+    run = subprocess.run([sys.executable, "-c", BARE_GPU_MACHINE, "jobs/gpu_check.py", "--tiny", "--device", "cpu",
+                          "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    parts = json.loads(out.read_text())["parts"]
+    assert [v["variant"] for v in parts["step"]["variants"]] == ["full_logits", "padded", "packed"]
+    assert set(parts["bf16_parity"]["references"]) == {"fp32 transformers", "bf16 transformers"}
+    assert all(r["pairs"] == 64 for r in parts["bf16_parity"]["references"].values())
+    saved = parts["sharded_load_save"]
+    assert saved["save"]["files"] > 1 and saved["compare"]["all_equal"], saved

@@ -58,10 +58,10 @@ def test_pair_metrics_against_the_closed_form():
     # Two pairs: (policy chosen, policy rejected) against (reference chosen, reference rejected).
     ref = [(-10.0, -12.0), (-5.0, -5.5)]
     policy = [(-9.0, -14.0), (-6.0, -5.0)]
-    items = [{"ref": r, "requests": [2 * i, 2 * i + 1]} for i, r in enumerate(ref)]
+    items = [{"ref": r, "chosen_tokens": 10, "requests": [2 * i, 2 * i + 1]} for i, r in enumerate(ref)]
     answers = {2 * i + j: {"logp": policy[i][j]} for i in range(2) for j in range(2)}
     beta = 0.5
-    metrics = pair_metrics(items, answers, beta, below_reference=1e-3)
+    metrics = pair_metrics(items, answers, beta, below_reference_per_token=1e-4)
     # pair 0: chosen +1, rejected -2 -> margin 0.5 * 3 = 1.5; pair 1: chosen -1, rejected +0.5 -> -0.75.
     assert metrics["logps/chosen_change"] == pytest.approx((1 - 1) / 2)
     assert metrics["logps/rejected_change"] == pytest.approx((-2 + 0.5) / 2)
@@ -69,10 +69,11 @@ def test_pair_metrics_against_the_closed_form():
     assert metrics["rewards/accuracies"] == 0.5
     assert metrics["acc"] == 0.5  # pair 0 prefers chosen, pair 1 does not
     assert metrics["logps/chosen_below_reference"] == 0.5
-    # Pair 1's chosen is 1 nat below its reference: not "below" at a 1-nat threshold.
-    assert pair_metrics(items, answers, beta, below_reference=1.0)["logps/chosen_below_reference"] == 0.0
+    # Pair 1's chosen is 1 nat below its reference over 10 tokens: "below" at 0.09 nats a token, not at 0.1.
+    assert pair_metrics(items, answers, beta, below_reference_per_token=0.09)["logps/chosen_below_reference"] == 0.5
+    assert pair_metrics(items, answers, beta, below_reference_per_token=0.1)["logps/chosen_below_reference"] == 0.0
     assert metrics["logps/chosen"] == pytest.approx(-7.5)
-    reference = pair_metrics(items, None, None, below_reference=1e-3)
+    reference = pair_metrics(items, None, None, below_reference_per_token=1e-4)
     assert reference == {"acc": 1.0, "logps/chosen": -7.5, "logps/rejected": pytest.approx(-8.75)}
     assert all(math.isfinite(v) for v in metrics.values())
 

@@ -43,9 +43,11 @@ def _mean(values) -> float:
     return sum(values) / len(values)
 
 
-def pair_metrics(items: list[dict], answers: dict | None, beta: float | None, below_reference: float) -> dict:
+def pair_metrics(items: list[dict], answers: dict | None, beta: float | None,
+                 below_reference_per_token: float) -> dict:
     """Held-out pair metrics of one model. `answers` None: the reference itself (its log-probs are on storage).
-    A chosen log-prob counts as below the reference beyond `below_reference` nats (config.below_reference_nats)."""
+    A chosen log-prob counts as below the reference beyond `below_reference_per_token` nats per chosen token
+    (config.below_reference_nats_per_token)."""
     ref = [item["ref"] for item in items]
     if answers is None:
         return {"acc": _mean(c > r for c, r in ref), "logps/chosen": _mean(c for c, _ in ref),
@@ -62,7 +64,8 @@ def pair_metrics(items: list[dict], answers: dict | None, beta: float | None, be
         "logps/rejected": _mean(r for _, r in policy),
         "logps/chosen_change": _mean(chosen_change),
         "logps/rejected_change": _mean(rejected_change),
-        "logps/chosen_below_reference": _mean(c < -below_reference for c in chosen_change),
+        "logps/chosen_below_reference": _mean(change < -below_reference_per_token * item["chosen_tokens"]
+                                               for change, item in zip(chosen_change, items)),
     }
 
 

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from pipeline import plots, storage
-from pipeline.config import Config, below_reference_nats
+from pipeline.config import Config, below_reference_nats_per_token
 from pipeline.engines import EngineActor, engine_actor
 from pipeline.evaluate.metrics import (Model, dpo_against_dpop, gsm8k_metrics, multiple_choice_metrics, pair_metrics,
                                        results_table, select_trial)
@@ -95,7 +95,7 @@ def evaluate_policies(cfg: Config, stage) -> dict:
         for task in tasks:
             if task.kind == "pairs":
                 metrics = pair_metrics(task.items, None if model.name == "reference" else answers, model.beta,
-                                       below_reference_nats(cfg))
+                                       below_reference_nats_per_token(cfg))
             elif task.kind == "multiple_choice":
                 metrics = multiple_choice_metrics(task.items, answers)
             else:

@@ -149,6 +149,7 @@ def pairs_task(task: Task, pairs: pa.Table, requests: Requests, max_length: int)
             task.drop("too_long", f"pair {row['pair_id']}: {longest} tokens > eval.max_length {max_length}")
             continue
         task.items.append({"pair_id": row["pair_id"], "ref": (row["ref_chosen_logp"], row["ref_rejected_logp"]),
+                           "chosen_tokens": len(row["chosen_ids"]),
                            "requests": [requests.loglik(row["prompt_ids"], row["chosen_ids"]),
                                         requests.loglik(row["prompt_ids"], row["rejected_ids"])]})
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import psutil
 
 from pipeline import storage
-from pipeline.config import Config, below_reference_nats, training_dtype
+from pipeline.config import Config, below_reference_nats_per_token, training_dtype
 from pipeline.tracking import Trackers
 from pipeline.train.checkpoint import CheckpointManager
 from pipeline.train.data import TrainPairs, stream_indices
@@ -172,6 +172,7 @@ def dpop_step_stats(worker: Worker, batch: dict):
     policy_chosen, policy_rejected = concatenated_forward(worker.model, batch, worker.pad_id, worker.layout, device)
     ref_chosen = torch.tensor(batch["ref_chosen_logp"], dtype=torch.float32, device=device)
     ref_rejected = torch.tensor(batch["ref_rejected_logp"], dtype=torch.float32, device=device)
+    chosen_tokens = torch.tensor([len(chosen) for chosen in batch["chosen_ids"]], dtype=torch.float32, device=device)
     out = dpop_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, t.beta, t.dpop_lambda)
     ref_gap = ((policy_chosen.detach() - ref_chosen).abs() + (policy_rejected.detach() - ref_rejected).abs()) / 2
     sums = torch.stack([
@@ -183,7 +184,7 @@ def dpop_step_stats(worker: Worker, batch: dict):
         policy_chosen.detach().sum(),
         policy_rejected.detach().sum(),
         out.penalty.sum(),
-        (out.penalty > below_reference_nats(worker.cfg)).float().sum(),
+        (out.penalty > below_reference_nats_per_token(worker.cfg) * chosen_tokens).float().sum(),
         ref_gap.sum(),
         torch.tensor(float(len(ref_chosen)), device=device),
     ])

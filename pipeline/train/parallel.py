@@ -2,7 +2,6 @@
 import json
 import math
 import os
-import tempfile
 
 from pipeline import storage
 from pipeline.train.metrics import say
@@ -219,7 +218,7 @@ def save_policy(model, tokenizer, out: str, dtype, lora=None, max_file_bytes: in
             if writer == rank:
                 kept[name] = value.cpu().contiguous()
         if writer == rank:
-            _write_safetensors(kept, storage.join(target, file_name))
+            _write_safetensors(kept, target, file_name)
             written.append(file_name)
     if rank == 0:
         _write_model_files(model, tokenizer, dtype, target, files, sizes)
@@ -294,13 +293,11 @@ def _file_plan(sizes: dict[str, int], world: int, max_file_bytes: int) -> dict[s
     return {f"model-{i:05d}-of-{len(files):05d}.safetensors": file for i, file in enumerate(files, 1)}
 
 
-def _write_safetensors(tensors: dict, uri: str) -> None:
+def _write_safetensors(tensors: dict, target: str, file_name: str) -> None:
     from safetensors.torch import save_file
 
-    with tempfile.TemporaryDirectory() as folder:
-        local = os.path.join(folder, uri.rsplit("/", 1)[-1])
-        save_file(tensors, local, metadata={"format": "pt"})
-        storage.upload_file(local, uri)
+    with storage.staged_dir(target) as folder:
+        save_file(tensors, os.path.join(folder, file_name), metadata={"format": "pt"})
 
 
 def _write_model_files(model, tokenizer, dtype, target: str, files: dict, sizes: dict) -> None:
@@ -313,7 +310,7 @@ def _write_model_files(model, tokenizer, dtype, target: str, files: dict, sizes:
     config.dtype = dtype
     if not config.architectures:  # (FSDP2 renamed the class: FSDPLlamaForCausalLM)
         config.architectures = [type(base).__name__.removeprefix("FSDP")]
-    with tempfile.TemporaryDirectory() as folder:
+    with storage.staged_dir(target) as folder:
         config.save_pretrained(folder)
         if getattr(base, "generation_config", None) is not None:
             base.generation_config.save_pretrained(folder)
@@ -323,7 +320,6 @@ def _write_model_files(model, tokenizer, dtype, target: str, files: dict, sizes:
             with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": sum(sizes.values())},
                            "weight_map": weight_map}, f, indent=2)
-        storage.upload_dir(folder, target)
 
 
 def _save_adapters(model, target: str) -> None:
@@ -334,7 +330,6 @@ def _save_adapters(model, target: str) -> None:
     adapters = {name: _full(value, value.dtype).cpu()
                 for name, value in get_model_state_dict(model).items() if ".lora_A." in name or ".lora_B." in name}
     if dist.get_rank() == 0:
-        with tempfile.TemporaryDirectory() as folder:
+        with storage.staged_dir(target) as folder:
             model.save_pretrained(folder, state_dict=adapters)  # peft writes the adapters and adapter_config.json
-            storage.upload_dir(folder, target)
         say(f"saved the adapters to {target}")
