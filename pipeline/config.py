@@ -20,8 +20,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic.fields import FieldInfo
 
 from pipeline.storage import is_remote
-from pipeline.vocab import (BELOW_REFERENCE_NATS_PER_TOKEN, BELOW_REFERENCE_NATS_PER_TOKEN_BF16, REPORTED_METRICS,
-                            TASK_METRICS,
+from pipeline.vocab import (BELOW_REFERENCE_NATS_PER_TOKEN, BELOW_REFERENCE_NATS_PER_TOKEN_BF16, METHOD_KEYS,
+                            REPORTED_METRICS, TASK_METRICS,
                             ConfigError)
 
 
@@ -215,7 +215,23 @@ class TrainSection(Section):
     beta: Float = Field(0.1, gt=0)
     """β: scale of the log-ratio margin inside the sigmoid; smaller stays further from the reference."""
     dpop_lambda: Float = Field(50.0, ge=0)
-    """λ: weight of the DPOP penalty for a chosen log-prob below the reference (paper default 50); 0 is plain DPO."""
+    """λ: weight of the DPOP penalty for a chosen log-prob below the reference (paper default 50); 0 is plain DPO.
+    It applies under every loss_type: the loss is taken of the margin m = z − λ · max(0, log π_ref(y_w|x) −
+    log πθ(y_w|x))."""
+    loss_type: Literal["sigmoid", "robust", "ipo", "hinge"] = "sigmoid"
+    """The loss of the margin m (pipeline/loss.py). `sigmoid`: −log σ(βm), DPO (Rafailov et al. 2023, "Direct
+    Preference Optimization"), and with λ > 0 DPOP (Pal et al. 2024, "Smaug"). `robust`: robust DPO (Chowdhury et
+    al. 2024, "Provably Robust DPO"), unbiased when a share label_smoothing of the labels is flipped. `ipo`:
+    (m − 1/(2β))², IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
+    Preferences"), on log-probs averaged over each completion's tokens, as TRL computes it. `hinge`: max(0, 1 − βm),
+    SLiC (Zhao et al. 2023, "SLiC-HF"). With λ = 0 each equals TRL's loss of the same name."""
+    label_smoothing: Float = Field(0.0, ge=0, lt=0.5)
+    """ε, the assumed share of flipped preference labels, for `sigmoid` (conservative DPO, Mitchell 2023, "A note
+    on DPO with noisy preferences": −(1−ε) log σ(βm) − ε log σ(−βm)) and `robust`. 0 for ipo and hinge."""
+    nll_weight: Float = Field(0.0, ge=0)
+    """α: adds α · (−log πθ(y_w|x) / |y_w|), the chosen completion's mean token NLL, to any loss: RPO (Pang et al.
+    2024, "Iterative Reasoning Preference Optimization"; TRL's `sft` loss term, formerly rpo_alpha, LLaMA-Factory's
+    pref_ftx, NeMo-RL's sft_loss_weight). The other common fix for a falling chosen likelihood; 0 is off."""
     learning_rate: Float = Field(5e-7, gt=0)
     """Peak AdamW learning rate."""
     batch_size: int = Field(32, gt=0)
@@ -311,9 +327,19 @@ class TuneSection(Section):
     dpop_lambda: list[Annotated[float, Field(ge=0), BeforeValidator(_yaml_float)]] = Field(
         default_factory=lambda: [50.0])
     """λ values to sweep (0 is plain DPO)."""
+    loss_type: list[Literal["sigmoid", "robust", "ipo", "hinge"]] | None = None
+    """train.loss_type values to sweep (e.g. [sigmoid, ipo]); unset: train.loss_type for every trial. Each value
+    crosses every other dimension: [sigmoid, ipo] × λ [0, 50] is DPO, DPOP, IPO and IPO with DPOP's penalty."""
+    label_smoothing: list[Annotated[float, Field(ge=0, lt=0.5), BeforeValidator(_yaml_float)]] | None = None
+    """train.label_smoothing values to sweep; unset: train.label_smoothing."""
+    nll_weight: list[Annotated[float, Field(ge=0), BeforeValidator(_yaml_float)]] | None = None
+    """train.nll_weight (α) values to sweep: [0, 1] is each loss with and without RPO's NLL term; unset:
+    train.nll_weight."""
+    learning_rate: list[Annotated[float, Field(gt=0), BeforeValidator(_yaml_float)]] | None = None
+    """train.learning_rate values to sweep; unset: train.learning_rate."""
     search: Literal["grid", "random", "optuna"] = "grid"
-    """`grid`: every β × λ combination, `num_samples` times. `random` / `optuna`: `num_samples` trials choosing
-    among the listed values (optuna needs the `optuna` package)."""
+    """`grid`: every combination of the swept values, `num_samples` times. `random` / `optuna`: `num_samples`
+    trials choosing among the listed values (optuna needs the `optuna` package)."""
     num_samples: int = Field(1, gt=0)
     """Grid: repeats of the whole grid. random / optuna: the number of trials."""
     metric: str = "eval/loss"
@@ -511,9 +537,15 @@ def _check_consistency(cfg: Config) -> Config:
         raise ConfigError(f"train.lora.target_modules: module names, or [all-linear] alone; got "
                           f"{t.lora.target_modules!r}")
     if cfg.tune is not None:
-        for key in ("beta", "dpop_lambda"):
-            if not getattr(cfg.tune, key):
+        for key in METHOD_KEYS:
+            if getattr(cfg.tune, key) == []:
                 raise ConfigError(f"tune.{key}: needs at least one value")
+        grid = tune_grid(cfg)
+        smoothed = [ls for ls in grid["label_smoothing"] if ls]
+        unsmoothable = [lt for lt in grid["loss_type"] if lt not in ("sigmoid", "robust")]
+        if smoothed and unsmoothable:
+            raise ConfigError(f"tune.label_smoothing: {smoothed} would cross loss_type {unsmoothable}, which take no "
+                              f"label smoothing; sweep them in separate runs")
         _check_tune_metric(cfg)
     if cfg.eval is not None:
         _check_eval(cfg)
@@ -526,6 +558,9 @@ def _check_consistency(cfg: Config) -> Config:
             f"train.batch_size: {t.batch_size} is not a multiple of train.micro_batch_size * train.num_workers "
             f"= {t.micro_batch_size} * {t.num_workers} = {per_step}"
         )
+    if t.label_smoothing and t.loss_type not in ("sigmoid", "robust"):
+        raise ConfigError(f"train.label_smoothing: {t.label_smoothing} applies to loss_type sigmoid and robust, not "
+                          f"{t.loss_type}")
     if t.warmup_steps >= t.max_steps:
         raise ConfigError(f"train.warmup_steps: {t.warmup_steps} must be below train.max_steps {t.max_steps}")
     return cfg
@@ -608,6 +643,11 @@ def _check_early_stopping(cfg: Config) -> None:
         raise ConfigError("train.early_stopping: needs evaluations during the run, but train.eval_every is 0")
 
 
+def tune_grid(cfg: Config) -> dict[str, list]:
+    """The values a sweep takes for each of METHOD_KEYS: tune's list where it has one, else train's one value."""
+    return {key: list(getattr(cfg.tune, key) or [getattr(cfg.train, key)]) for key in METHOD_KEYS}
+
+
 def _check_tune_metric(cfg: Config) -> None:
     """A sweep ranks its trials by a metric the trainer reports; any other name would finish with no winner."""
     metric = cfg.tune.metric
@@ -618,6 +658,12 @@ def _check_tune_metric(cfg: Config) -> None:
                           f"{', '.join(REPORTED_METRICS)}")
     if metric.startswith("eval/") and cfg.data.eval_fraction == 0:
         raise ConfigError(f"tune.metric: {metric!r} needs an eval split, but data.eval_fraction is 0")
+    grid = tune_grid(cfg)
+    mixed = [key for key in ("loss_type", "label_smoothing", "nll_weight") if len(grid[key]) > 1]
+    if metric.removeprefix("eval/") == "loss" and mixed:
+        raise ConfigError(f"tune.metric: {metric} compares losses on different scales across tune.{mixed[0]} "
+                          f"{grid[mixed[0]]}; rank by a metric every method shares, e.g. eval/rewards/accuracies or "
+                          f"eval/logps/chosen")
 
 
 def _is_local(path: str) -> bool:

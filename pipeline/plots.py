@@ -5,13 +5,14 @@ Each function takes plain rows (metrics.jsonl rows, manifest fields, result rows
 figure from storage alone.
 """
 import contextlib
+import itertools
 import os
 import tempfile
 from typing import NamedTuple
 
 from pipeline import storage
-from pipeline.config import Config
-from pipeline.vocab import LOW_EDIT_DISTANCE
+from pipeline.config import Config, tune_grid
+from pipeline.vocab import LOW_EDIT_DISTANCE, METHOD_KEYS, method_label, varying_keys
 
 
 def integer_ticks():
@@ -106,54 +107,57 @@ def pair_counts(sources: dict, uri: str) -> None:
 
 
 def sweep_heatmap(rows: list[dict], metric: str, mode: str, uri: str) -> None:
-    """The ranking metric over β × λ, one cell a trial (trials.parquet rows): its value at the step whose weights
+    """The ranking metric over β (columns) × the rest of each method (rows: λ, and the loss type, ε, α and learning
+    rate where the sweep varies them), one cell a trial (trials.parquet rows): its value at the step whose weights
     the trial kept (the last, or with early stopping the best evaluation's), as best.json ranks them."""
     import numpy as np
 
+    varying = [key for key in varying_keys(rows) if key != "beta"] or ["dpop_lambda"]
+    row_of = lambda r: tuple(r[key] for key in varying)  # noqa: E731
     betas = sorted({r["beta"] for r in rows})
-    lambdas = sorted({r["dpop_lambda"] for r in rows})
-    grid = np.full((len(lambdas), len(betas)), np.nan)
-    labels = [["failed" for _ in betas] for _ in lambdas]
+    methods = sorted({row_of(r) for r in rows})
+    grid = np.full((len(methods), len(betas)), np.nan)
+    labels = [["failed" for _ in betas] for _ in methods]
     for r in rows:
-        i, j = lambdas.index(r["dpop_lambda"]), betas.index(r["beta"])
+        i, j = methods.index(row_of(r)), betas.index(r["beta"])
         if r["kept_metric"] is not None and r["status"] != "failed":
             grid[i, j] = r["kept_metric"]
             labels[i][j] = f"{r['kept_metric']:.4g}" + ("\n(stopped)" if r["status"] == "stopped_early" else "")
-    with figure(uri, figsize=(max(5.5, 1.8 * len(betas) + 3), 1.2 * len(lambdas) + 2)) as (fig, ax):
+    names = [method_label(next(r for r in rows if row_of(r) == m), varying) for m in methods]
+    with figure(uri, figsize=(max(5.5, 1.8 * len(betas) + 4), 1.0 * len(methods) + 2)) as (fig, ax):
         image = ax.imshow(grid, cmap="viridis_r" if mode == "min" else "viridis", aspect="auto")
-        for i in range(len(lambdas)):
+        for i in range(len(methods)):
             for j in range(len(betas)):
                 ax.text(j, i, labels[i][j], ha="center", va="center", color="white", fontsize=9,
                         bbox={"facecolor": "black", "alpha": 0.4, "linewidth": 0})
         ax.set_xticks(range(len(betas)), [f"{b:g}" for b in betas])
-        ax.set_yticks(range(len(lambdas)), [f"{v:g}" for v in lambdas])
+        ax.set_yticks(range(len(methods)), names, fontsize=8)
         ax.set_xlabel("β")
-        ax.set_ylabel("λ")
-        ax.set_title(f"{metric}\n(last value; {'lower' if mode == 'min' else 'higher'} is better)", fontsize=10)
+        ax.set_title(f"{metric}\n(kept weights' value; {'lower' if mode == 'min' else 'higher'} is better)",
+                     fontsize=10)
         fig.colorbar(image, ax=ax)
 
 
-def sweep_logps_chosen(rows: list[dict], curves: dict[str, list[dict]], methods: list, uri: str) -> None:
-    """log p(chosen) over steps for every trial (trials.parquet rows; {trial id: its metrics.jsonl rows}), each
-    labelled and coloured by its method as in every other figure (`methods`: run_methods)."""
-    styles = method_styles([{"name": r["trial_id"], "beta": r["beta"], "dpop_lambda": r["dpop_lambda"]}
-                            for r in rows], methods)
+def logps_chosen_curves(models: list[dict], curves: dict[str, list[dict]], methods: list, uri: str) -> None:
+    """log p(chosen) over steps for every trained model (dicts with name and params; {name: its metrics.jsonl
+    rows}), each labelled and coloured by its method as in every other figure (`methods`: run_methods)."""
+    styles = method_styles(models, methods)
     with figure(uri, figsize=(9, 5)) as (fig, ax):
-        for trial_id, metrics in sorted(curves.items(), key=lambda item: styles[item[0]].order):
+        for name, metrics in sorted(curves.items(), key=lambda item: styles[item[0]].order):
             if metrics:
                 ax.plot([m["step"] for m in metrics], [m["logps/chosen"] for m in metrics],
-                        label=styles[trial_id].label, color=styles[trial_id].color)
+                        label=styles[name].label, color=styles[name].color)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(integer_ticks())
         ax.set_ylabel("log p(chosen), summed over completion tokens")
-        ax.set_title("Chosen log-likelihood per trial: DPO's failure mode is this falling")
+        ax.set_title("Chosen log-likelihood per method: DPO's failure mode is this falling")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
 
 
 def eval_results(rows: list[dict], models: list, methods: list, uri: str) -> None:
     """One panel per task's headline metric, a bar per model: the picture of 'did it get better'. `models`: the
-    eval stage's models in order (each with name, beta, dpop_lambda); every panel gives a model the same colour
+    eval stage's models in order (each with name and params); every panel gives a model the same colour
     and label as every other figure of the run (`methods`: run_methods)."""
     headline = {"pairs": "logps/chosen_change", "multiple_choice": "acc_norm", "gsm8k": "exact_match"}
     styles = method_styles([vars(m) for m in models], methods)
@@ -176,29 +180,33 @@ class Style(NamedTuple):
     order: int
 
 
-def run_methods(cfg: Config) -> list[tuple[float, float]]:
-    """Every (λ, β) a run trains, sorted: the sweep's grid, and train's own where it is trained without a sweep or
-    evaluated. Every figure of the run numbers its methods from this one list, so a method keeps its colour even
-    in a figure where another method is missing (a trial that ASHA stopped)."""
-    methods = {(v, b) for v in cfg.tune.dpop_lambda for b in cfg.tune.beta} if cfg.tune else set()
+def run_methods(cfg: Config) -> list[tuple]:
+    """Every method a run trains (a tuple of METHOD_KEYS values), sorted: the sweep's grid, and train's own where it
+    is trained without a sweep or evaluated. Every figure of the run numbers its methods from this one list, so a
+    method keeps its colour even in a figure where another method is missing (a trial that ASHA stopped)."""
+    methods = set(itertools.product(*tune_grid(cfg).values())) if cfg.tune else set()
     if cfg.tune is None or (cfg.eval is not None and "train" in cfg.eval.policies):
-        methods.add((cfg.train.dpop_lambda, cfg.train.beta))
+        methods.add(tuple(getattr(cfg.train, key) for key in METHOD_KEYS))
     return sorted(methods)
 
 
-def method_styles(models: list[dict], methods: list[tuple[float, float]]) -> dict[str, Style]:
-    """Each model's label and colour: `reference` grey; DPO (λ 0) and DPOP (λ > 0) coloured by the place of their
-    (λ, β) in `methods` (run_methods), with β in the label only where the run's methods differ in it, and `train:`
-    before the train stage's policy. `models`: dicts with name, beta, dpop_lambda (beta None: the reference)."""
-    several_betas = len({beta for _, beta in methods}) > 1
+def method_styles(models: list[dict], methods: list[tuple]) -> dict[str, Style]:
+    """Each model's label and colour: `reference` grey; every method coloured by its place in `methods`
+    (run_methods) and labelled by its name (vocab.method_name) and the keys the run's methods differ in, with
+    `train:` before the train stage's policy. `models`: dicts with name and params (METHOD_KEYS; None: the
+    reference)."""
+    methods = list(methods)
+    for m in models:  # a method the config no longer lists (a report rebuilt after a change) still gets a colour
+        key = m.get("params") and tuple(m["params"][k] for k in METHOD_KEYS)
+        if key and key not in methods:
+            methods.append(key)
+    varying = varying_keys([dict(zip(METHOD_KEYS, m)) for m in methods])
     styles = {}
     for m in models:
-        if m.get("beta") is None:
+        if m.get("params") is None:
             styles[m["name"]] = Style(m["name"], "gray", -1)
             continue
-        index = methods.index((m["dpop_lambda"], m["beta"]))
-        name = "DPO" if m["dpop_lambda"] == 0 else "DPOP"
-        beta = f"β {m['beta']:g}, " if several_betas else ""
+        index = methods.index(tuple(m["params"][key] for key in METHOD_KEYS))
         stage = "train: " if m["name"] == "train" else ""
-        styles[m["name"]] = Style(f"{stage}{name} ({beta}λ {m['dpop_lambda']:g})", f"C{index}", index)
+        styles[m["name"]] = Style(stage + method_label(m["params"], varying), f"C{index % 10}", index)
     return styles

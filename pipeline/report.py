@@ -2,16 +2,17 @@
 storage alone (manifests, metrics.jsonl, trials.parquet, eval results), so it can be made at any time, from any
 machine, for a run on `s3://` too. `dpop run` writes it at its end.
 """
+import functools
 import os
 import tempfile
 from datetime import datetime, timezone
 
 from pipeline import plots, storage
 from pipeline.config import Config
-from pipeline.evaluate.metrics import dpo_against_dpop
+from pipeline.evaluate.metrics import method_comparison
 from pipeline.runner import stage_states
 from pipeline.train.metrics import read_metrics
-from pipeline.vocab import Stage
+from pipeline.vocab import METHOD_KEYS, METHOD_SYMBOLS, Stage, method_label, method_name, varying_keys
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -98,7 +99,8 @@ CURVE_KEYS = ("loss", "rewards/accuracies", "logps/chosen", "logps/rejected", "d
 def _train_section(report: Report, manifest: dict, train_uri: str) -> None:
     report.add("## Training\n")
     config = manifest["config"]["train"]
-    report.add(f"β {config['beta']:g}, λ {config['dpop_lambda']:g}, {manifest['steps']} steps of "
+    varying = [key for key in METHOD_KEYS if key != "learning_rate" and config.get(key)]  # the non-zero ones
+    report.add(f"{method_label(config, varying)}, {manifest['steps']} steps of "
                f"{config['batch_size']} pairs, learning rate {config['learning_rate']:g}; {manifest['rows']} train "
                f"pairs, {manifest['eval_rows']} eval pairs"
                + (f"; resumed from step {manifest['resumed_from_step']}" if manifest.get("resumed_from_step") else "")
@@ -121,19 +123,22 @@ def _tune_section(report: Report, manifest: dict, tune_uri: str) -> None:
                f"by {metric}; {manifest['sweep_seconds']:.0f} s.\n")
     # The ranking metric first, then what the paper watches; a metric that is both is shown once.
     shown = [m for m in ("logps/chosen", "eval/logps/chosen", "eval/rewards/accuracies") if m != metric]
-    report.add(_table(["β", "λ", "status", "steps", metric, *shown],
-                      [[t["beta"], t["dpop_lambda"], t["status"], t["steps"], t["final_metric"],
+    varying = varying_keys(trials) or ["beta", "dpop_lambda"]
+    report.add(_table(["method", *(METHOD_SYMBOLS.get(key, key) for key in varying), "status", "steps", metric,
+                       *shown],
+                      [[method_name(t), *(t[key] for key in varying), t["status"], t["steps"], t["final_metric"],
                         *(t.get(m) for m in shown)]
-                       for t in sorted(trials, key=lambda t: (t["dpop_lambda"], t["beta"]))]))
+                       for t in sorted(trials, key=lambda t: [t[key] for key in METHOD_KEYS])]))
     best = manifest.get("best")
     if best:
-        report.add(f"Best by {best['metric']}: β {best['beta']:g}, λ {best['dpop_lambda']:g} ({best['value']:.4g}).\n")
+        report.add(f"Best by {best['metric']}: {method_label(best, varying)} ({best['value']:.4g}).\n")
     report.copy_figure(storage.join(tune_uri, "heatmap.png"), "tune_heatmap.png", "sweep heatmap")
     report.copy_figure(storage.join(tune_uri, "logps_chosen.png"), "tune_logps_chosen.png",
                        "log p(chosen) per trial")
 
 
-def _eval_section(report: Report, manifest: dict, eval_uri: str) -> None:
+def _eval_section(report: Report, manifest: dict, eval_uri: str, methods: list) -> None:
+    """`methods`: plots.run_methods, so each method has the colour it has in the run's other figures."""
     import json
 
     report.add("## Evaluation: policy against reference\n")
@@ -144,14 +149,22 @@ def _eval_section(report: Report, manifest: dict, eval_uri: str) -> None:
                        for name, t in tasks.items()]))
     report.add(storage.read_text(storage.join(eval_uri, "results.md")))
     models = manifest["models"]
-    report.add("Models: " + "; ".join(f"`{m['name']}`" + (f" β {m['beta']:g} λ {m['dpop_lambda']:g}"
-                                                          if m.get("beta") is not None else "") for m in models)
-               + ".\n")
-    comparison = dpo_against_dpop(results, models)
+    varying = varying_keys([m["params"] for m in models if m.get("params")])
+    report.add("Models: " + "; ".join(f"`{m['name']}`" + (f" {method_label(m['params'], varying)}"
+                                                          if m.get("params") else "") for m in models) + ".\n")
+    comparison = method_comparison(results, models)
     if comparison:
-        report.add("DPO against DPOP (the change in log p(chosen) is against the reference, on held-out pairs; "
-                   "Smaug's finding is that DPO lowers it on low-edit-distance pairs and DPOP does not):\n")
-        report.add("\n".join(comparison) + "\n")
+        report.add("### Methods compared\n")
+        report.add("The change in log p(chosen) is against the reference, on held-out pairs, and `below reference` "
+                   "the share of pairs whose chosen log-prob fell below it: Smaug's finding is that DPO lowers it on "
+                   "low-edit-distance pairs and DPOP does not.\n")
+        report.add(_table(*comparison))
+        trained = [m for m in models if m.get("params")]
+        # Each policy's training curve is the metrics.jsonl beside its model/ folder (train/ or a trial's folder).
+        curves = {m["name"]: read_metrics(m["path"].rstrip("/").rsplit("/", 1)[0]) for m in trained}
+        if any(curves.values()):  # (a policy whose folder a later run replaced has none)
+            plots.logps_chosen_curves(trained, curves, methods,
+                                      report.figure("methods_logps_chosen.png", "log p(chosen) per step, each method"))
     if manifest.get("best"):
         best = manifest["best"]
         report.add(f"Best trial by {best['select_by']}: `{best['trial']}` ({best['value']:.4g}).\n")
@@ -172,7 +185,8 @@ def write_report(cfg: Config) -> str:
                             (s["manifest"] or {}).get("seconds"), (s["manifest"] or {}).get("finished_at"),
                             ", ".join(s["reads"])] for s in states]))
         sections = {Stage.PAIRS: _pairs_section, Stage.REFERENCE: _reference_section, Stage.TRAIN: _train_section,
-                    Stage.TUNE: _tune_section, Stage.EVAL: _eval_section}
+                    Stage.TUNE: _tune_section,
+                    Stage.EVAL: functools.partial(_eval_section, methods=plots.run_methods(cfg))}
         for state in states:
             manifest = state["manifest"]
             if manifest and manifest.get("status") != "failed":

@@ -77,7 +77,8 @@ STAGES = (
     StageSpec(Stage.TRAIN, (Stage.REFERENCE,), ("model", "train"), ("model", "seed"),
               "pipeline.train.stage:train_policy", resumable=True, check="pipeline.engines:check_model"),
     # Reads the same reference output as train, so a sweep never recomputes reference log-probs. Each trial sets
-    # its own β and λ from tune.beta and tune.dpop_lambda.
+    # its own β and λ from tune.beta and tune.dpop_lambda (so train's are ignored), and the other method keys from
+    # tune's lists where it has them, else from train (so those stay in the fingerprint: config.tune_grid).
     StageSpec(Stage.TUNE, (Stage.REFERENCE,), ("model", "train", "tune"), ("model", "seed"), "pipeline.tune:sweep",
               resumable=True, ignores=("train.beta", "train.dpop_lambda"), check="pipeline.engines:check_model"),
     # The reference stage's held-out pairs and log-probs, and the policies of train and/or tune.

@@ -18,7 +18,7 @@ import tempfile
 
 from pipeline import storage
 from pipeline.config import Config
-from pipeline.vocab import Stage
+from pipeline.vocab import METHOD_KEYS, Stage, method_name
 
 TRACKING_FILE = "tracking.json"
 
@@ -36,7 +36,7 @@ def mlflow_uri(cfg: Config) -> str:
 def run_params(cfg: Config, reference_fingerprint: str) -> dict:
     """What a tracked run is filed under: the knobs a person compares runs by, and the pairs it trained on."""
     t = cfg.train
-    params = {"beta": t.beta, "dpop_lambda": t.dpop_lambda, "learning_rate": t.learning_rate,
+    params = {**{key: getattr(t, key) for key in METHOD_KEYS}, "method": method_name(vars(t)),
               "batch_size": t.batch_size, "max_steps": t.max_steps, "model": cfg.model.name_or_path,
               "pair_fingerprint": reference_fingerprint, "seed": cfg.run.seed,
               "mixed_precision": t.mixed_precision, "lora": bool(t.lora)}

@@ -1,14 +1,16 @@
-"""`tune` stage (Ray Tune): sweep β and λ, every trial a distributed `TorchTrainer` on the one reference pass.
+"""`tune` stage (Ray Tune): sweep the method (loss type, β, λ, label smoothing, NLL weight α, learning rate), every
+trial a distributed `TorchTrainer` on the one reference pass.
 
-Reference log-probs depend on neither β nor λ, so every trial reads the reference stage's Parquet; nothing here
+Reference log-probs depend on none of these, so every trial reads the reference stage's Parquet; nothing here
 computes them. Each trial is a function trainable that fits its own TorchTrainer (`pipeline.train.make_trainer`)
 and forwards its reports to Tune (`TuneReportCallback`), so ASHA can stop trials that trail. A trial that fails is
 recorded with its error; the others go on. Rerunning an unfinished stage restores the Tune experiment: finished
 trials are kept, unfinished ones resume from their checkpoints.
 
-Outputs in tune/: trials.parquet (one row a trial), best.json, heatmap.png (the metric over β × λ),
-logps_chosen.png (log p(chosen) over steps, every trial), trials/beta_<β>-lambda_<λ>-<trial id>/ (each trial's
-train outputs: metrics.jsonl, checkpoints, model/).
+Outputs in tune/: trials.parquet (one row a trial), best.json, heatmap.png (the metric over β and the rest of each
+method), logps_chosen.png (log p(chosen) over steps, every trial), trials/beta_<β>-lambda_<λ>[-loss_<type>]
+[-ls_<ε>][-nll_<α>][-lr_<rate>]-<trial id>/ (each trial's train outputs: metrics.jsonl, checkpoints, model/; the
+bracketed parts where the sweep varies them).
 """
 import math
 import os
@@ -17,30 +19,38 @@ import time
 import pyarrow as pa
 
 from pipeline import plots, storage
-from pipeline.config import Config
+from pipeline.config import Config, tune_grid
 from pipeline.tracking import end_killed_run, run_params
 from pipeline.train.data import load_pairs
 from pipeline.train.metrics import read_metrics
 from pipeline.train.stage import make_trainer
-from pipeline.vocab import Stage, one_line
+from pipeline.vocab import METHOD_KEYS, Stage, method_label, method_name, one_line, varying_keys
 
 TRIAL_DRIVER_CPUS = 0.1  # a trial's own process only waits on its TorchTrainer; its workers hold the real CPUs
 
 
-def trial_folder(beta: float, dpop_lambda: float, trial_id: str) -> str:
-    """Readable and unique: repeats of the grid (num_samples) or of a random draw differ by Tune's trial id."""
-    return f"beta_{beta:g}-lambda_{dpop_lambda:g}-{trial_id}"
+FOLDER_PARTS = {"loss_type": "loss", "label_smoothing": "ls", "nll_weight": "nll", "learning_rate": "lr"}
+
+
+def trial_folder(params: dict, trial_id: str, grid: dict) -> str:
+    """Readable and unique: β and λ, each other method key the sweep varies (`grid`: config.tune_grid), and Tune's
+    trial id, which tells repeats of the grid (num_samples) or of a random draw apart."""
+    extra = "".join(f"-{part}_{params[key]:g}" if key != "loss_type" else f"-{part}_{params[key]}"
+                    for key, part in FOLDER_PARTS.items() if len(grid[key]) > 1)
+    return f"beta_{params['beta']:g}-lambda_{params['dpop_lambda']:g}{extra}-{trial_id}"
 
 
 def run_trial(params: dict, cfg: Config, out: str, reference_fingerprint: str, pairs: dict) -> None:
-    """One Tune trial: the train stage's TorchTrainer with this trial's β and λ (`params`), reporting to Tune.
+    """One Tune trial: the train stage's TorchTrainer with this trial's method (`params`: METHOD_KEYS), reporting to
+    Tune.
     `pairs` are the reference pairs' object refs (pipeline.train.data.load_pairs), read once by the sweep and shared
     by every trial."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    cfg = cfg.copy_with({"train.beta": params["beta"], "train.dpop_lambda": params["dpop_lambda"]})
-    folder = trial_folder(cfg.train.beta, cfg.train.dpop_lambda, tune.get_context().get_trial_id())
+    grid = tune_grid(cfg)
+    cfg = cfg.copy_with({f"train.{key}": params[key] for key in METHOD_KEYS})
+    folder = trial_folder(params, tune.get_context().get_trial_id(), grid)
     trial_out = storage.join(out, "trials", folder)
     tracking = {"name": f"{cfg.run.name}/{folder}", "params": run_params(cfg, reference_fingerprint)}
     result = make_trainer(cfg, trial_out, "ray-train", pairs, tracking, callbacks=[TuneReportCallback()],
@@ -74,7 +84,7 @@ def release_stopped_trial_resources(cfg: Config, out: str):
 
         def _end_tracked_run(self, trial, status: str):
             if cfg.run.trackers:
-                folder = trial_folder(trial.config["beta"], trial.config["dpop_lambda"], trial.trial_id)
+                folder = trial_folder(trial.config, trial.trial_id, tune_grid(cfg))
                 end_killed_run(storage.join(out, "trials", folder), status)
 
         def _release(self, trial):
@@ -88,15 +98,15 @@ def release_stopped_trial_resources(cfg: Config, out: str):
     return ReleaseStoppedTrialResources()
 
 
-def _search(tc, param_space: dict):
-    """The search algorithm and the β, λ entries of the search space."""
+def _search(cfg: Config, param_space: dict):
+    """The search algorithm, and the search space's entries: one per METHOD_KEYS (a key the sweep does not vary
+    takes train's value)."""
     from ray import tune
 
-    if tc.search == "grid":
-        param_space.update(beta=tune.grid_search(tc.beta), dpop_lambda=tune.grid_search(tc.dpop_lambda))
-        return None
-    param_space.update(beta=tune.choice(tc.beta), dpop_lambda=tune.choice(tc.dpop_lambda))
-    if tc.search == "random":
+    tc = cfg.tune
+    space = tune.grid_search if tc.search == "grid" else tune.choice
+    param_space.update({key: space(values) for key, values in tune_grid(cfg).items()})
+    if tc.search in ("grid", "random"):
         return None
     try:
         from ray.tune.search.optuna import OptunaSearch
@@ -129,14 +139,14 @@ def _latest_checkpoint(trial_out: str) -> str | None:
 
 
 def trial_table(results, cfg: Config, out: str) -> tuple[list[dict], dict[str, list[dict]]]:
-    """One row per trial (β, λ, status, error, final and best metric, paths) and each trial's metric rows, by
-    trial id."""
-    tc, max_steps = cfg.tune, cfg.train.max_steps
+    """One row per trial (its method and METHOD_KEYS, status, error, final and best metric, paths) and each
+    trial's metric rows, by trial id."""
+    tc, max_steps, grid = cfg.tune, cfg.train.max_steps, tune_grid(cfg)
     rows, curves = [], {}
     for result in results:
-        beta, dpop_lambda = result.config["beta"], result.config["dpop_lambda"]
+        params = {key: result.config[key] for key in METHOD_KEYS}
         trial_id = result.metrics["trial_id"]  # Tune sets it even for a trial that failed before reporting
-        folder = trial_folder(beta, dpop_lambda, trial_id)
+        folder = trial_folder(params, trial_id, grid)
         trial_out = storage.join(out, "trials", folder)
         metrics = read_metrics(trial_out)
         curves[trial_id] = metrics
@@ -152,8 +162,8 @@ def trial_table(results, cfg: Config, out: str) -> tuple[list[dict], dict[str, l
         model = storage.join(trial_out, "model")
         rows.append({
             "trial_id": trial_id,
-            "beta": beta,
-            "dpop_lambda": dpop_lambda,
+            "method": method_name(params),
+            **params,
             "status": status,
             "error": one_line(result.error, limit=2000) if result.error else None,
             "steps": final.get("step", 0),
@@ -166,6 +176,7 @@ def trial_table(results, cfg: Config, out: str) -> tuple[list[dict], dict[str, l
                                                "logps/rejected", "dpop/penalty_active", "eval/loss",
                                                "eval/rewards/accuracies", "eval/rewards/margins",
                                                "eval/logps/chosen")},
+            "out": trial_out,
             "checkpoint": _latest_checkpoint(trial_out),
             "model": model if status == "finished" and storage.exists(storage.join(model, "config.json")) else None,
         })
@@ -199,7 +210,7 @@ def sweep(cfg: Config, stage) -> dict:
     # Early evaluation rows carry the metric, the steps between them do not; ASHA passes over those.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     param_space = {}
-    search_alg = _search(tc, param_space)
+    search_alg = _search(cfg, param_space)
     scheduler = None
     if tc.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps,
@@ -237,8 +248,9 @@ def sweep(cfg: Config, stage) -> dict:
                                       callbacks=[release_stopped_trial_resources(cfg, stage.out)],
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
         )
-    print(f"[dpop] tune: β {', '.join(f'{b:g}' for b in tc.beta)} × λ {', '.join(f'{v:g}' for v in tc.dpop_lambda)} "
-          f"({tc.search}, {tc.num_samples} sample(s)), up to "
+    grid = tune_grid(cfg)
+    swept = " × ".join(f"{key} {', '.join(map(str, values))}" for key, values in grid.items() if len(values) > 1)
+    print(f"[dpop] tune: {swept or 'one method'} ({tc.search}, {tc.num_samples} sample(s)), up to "
           f"{concurrency} trial(s) at once, each with {cfg.train.num_workers} train worker(s)", flush=True)
     started = time.time()
     results = tuner.fit()
@@ -248,22 +260,25 @@ def sweep(cfg: Config, stage) -> dict:
     best = best_trial(rows, tc.mode)
     storage.write_parquet(pa.Table.from_pylist(rows), storage.join(stage.out, "trials.parquet"))
     plots.sweep_heatmap(rows, tc.metric, tc.mode, storage.join(stage.out, "heatmap.png"))
-    plots.sweep_logps_chosen(rows, curves, plots.run_methods(cfg), storage.join(stage.out, "logps_chosen.png"))
+    plots.logps_chosen_curves([{"name": r["trial_id"], "params": {key: r[key] for key in METHOD_KEYS}} for r in rows],
+                              curves, plots.run_methods(cfg), storage.join(stage.out, "logps_chosen.png"))
     best_json = None
     if best:
-        best_json = {"beta": best["beta"], "dpop_lambda": best["dpop_lambda"], "metric": tc.metric, "mode": tc.mode,
+        best_json = {"method": best["method"], **{key: best[key] for key in METHOD_KEYS},
+                     "metric": tc.metric, "mode": tc.mode,
                      "value": best["kept_metric"], "model_step": best["model_step"], "trial_id": best["trial_id"],
                      "status": best["status"],
                      "model": best["model"], "checkpoint": best["checkpoint"],
                      "metrics": {k: v for k, v in best.items() if "/" in k or k == "loss"}}
         storage.write_json(storage.join(stage.out, "best.json"), best_json)
     statuses = {s: sum(r["status"] == s for r in rows) for s in ("finished", "stopped_early", "failed")}
-    for r in sorted(rows, key=lambda r: (r["beta"], r["dpop_lambda"])):
+    varying = varying_keys(rows) or ["beta", "dpop_lambda"]
+    for r in sorted(rows, key=lambda r: [r[key] for key in METHOD_KEYS]):
         shown = "" if r["final_metric"] is None else f" {tc.metric} {r['final_metric']:.4g}"
-        print(f"[dpop] tune: β={r['beta']:g} λ={r['dpop_lambda']:g} {r['status']} at step {r['steps']}{shown}"
+        print(f"[dpop] tune: {method_label(r, varying)} {r['status']} at step {r['steps']}{shown}"
               + (f" ({r['error'][-200:]})" if r["error"] else ""), flush=True)
     if best_json:
-        print(f"[dpop] tune: best β={best['beta']:g} λ={best['dpop_lambda']:g} {tc.metric} {best['kept_metric']:.4g} "
+        print(f"[dpop] tune: best {method_label(best, varying)} {tc.metric} {best['kept_metric']:.4g} "
               f"(its model/: step {best['model_step']})", flush=True)
     return {"rows": len(rows), "trials": statuses, "sweep_seconds": seconds, "max_concurrent_trials": concurrency,
             "best": best_json}

@@ -22,10 +22,39 @@ STAGE_NAMES = tuple(Stage)
 # The per-pair statistics a train run computes on each split: summed on every worker, all-reduced, then divided by
 # the pair count (pipeline.train.loop).
 STAT_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-             "logps/chosen", "logps/rejected", "dpop/penalty", "dpop/penalty_active", "logps/ref_gap")
+             "logps/chosen", "logps/rejected", "dpop/penalty", "dpop/penalty_active", "logps/ref_gap", "nll")
 # Every metric a train run reports, by the name `tune.metric`, `train.early_stopping.metric` and metrics.jsonl use.
 REPORTED_METRICS = (*STAT_KEYS, *(f"eval/{key}" for key in STAT_KEYS), "learning_rate", "grad_norm",
                     "epoch", "peak_memory_mb")
+# The train keys that make a method: what a sweep varies, and what names a trial and tells methods apart in the
+# figures and the report (config.TrainSection documents each).
+METHOD_KEYS = ("loss_type", "dpop_lambda", "beta", "label_smoothing", "nll_weight", "learning_rate")
+METHOD_SYMBOLS = {"beta": "β", "dpop_lambda": "λ", "label_smoothing": "ε", "nll_weight": "α", "learning_rate": "lr"}
+LOSS_NAMES = {"robust": "robust DPO", "ipo": "IPO", "hinge": "SLiC"}
+
+
+def method_name(params: dict) -> str:
+    """A method's short name from its train keys: DPO, DPOP (λ > 0), cDPO (label smoothing), robust DPO, IPO, SLiC
+    (hinge); `+ penalty` where DPOP's penalty is added to another loss, `+ NLL` with RPO's NLL term (α > 0)."""
+    loss, penalty = params.get("loss_type", "sigmoid"), params.get("dpop_lambda", 0) > 0
+    if loss == "sigmoid":
+        name = "DPOP" if penalty else "cDPO" if params.get("label_smoothing", 0) > 0 else "DPO"
+    else:
+        name = LOSS_NAMES[loss] + (" + penalty" if penalty else "")
+    return name + (" + NLL" if params.get("nll_weight", 0) > 0 else "")
+
+
+def varying_keys(methods: list[dict]) -> list[str]:
+    """The METHOD_KEYS whose values differ among `methods` (dicts of METHOD_KEYS): what tells them apart."""
+    return [key for key in METHOD_KEYS if len({m.get(key) for m in methods}) > 1]
+
+
+def method_label(params: dict, varying: list[str]) -> str:
+    """method_name and the values of the `varying` keys, e.g. "DPOP (λ 50)" beside "DPO (λ 0)"."""
+    details = ", ".join(f"{symbol} {params[key]:g}" for key, symbol in METHOD_SYMBOLS.items() if key in varying)
+    return method_name(params) + (f" ({details})" if details else "")
+
+
 # The metrics the eval stage reports per task kind, by the names results.json and `eval.select_by` use.
 TASK_METRICS = {
     "pairs": ("acc", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import write_config, write_jsonl
 from pipeline.cli import main
+from pipeline.vocab import METHOD_KEYS
 
 
 @pytest.fixture
@@ -181,18 +182,24 @@ def test_progress_lines_are_words():
 
 def test_one_colour_and_label_per_method_in_every_figure(tmp_path, raw):
     """Each figure numbers the run's methods from one list: DPOP keeps its colour where DPO is missing (a trial
-    ASHA stopped has no model to evaluate), and the labels are the method and its λ (β where the run varies it)."""
+    ASHA stopped has no model to evaluate), and the labels are the method's name and the keys the run's methods
+    differ in (β where the run varies it, the loss type by its name)."""
     from pipeline.config import load_config
     from pipeline.plots import method_styles, run_methods
+
+    lr = 5e-7  # train.learning_rate's default
+
+    def model(name, loss_type="sigmoid", dpop_lambda=0.0, beta=0.1, nll_weight=0.0):
+        return {"name": name, "params": {"loss_type": loss_type, "dpop_lambda": dpop_lambda, "beta": beta,
+                                         "label_smoothing": 0.0, "nll_weight": nll_weight, "learning_rate": lr}}
 
     raw["tune"] = {"beta": [0.1], "dpop_lambda": [0.0, 50.0]}
     raw["eval"] = {"policies": ["tune"], "max_length": 256}
     methods = run_methods(load_config(write_config(tmp_path / "c.yaml", raw)))
-    assert methods == [(0.0, 0.1), (50.0, 0.1)]
-    dpo = {"name": "beta_0.1-lambda_0-a_00000", "beta": 0.1, "dpop_lambda": 0.0}
-    dpop = {"name": "beta_0.1-lambda_50-a_00001", "beta": 0.1, "dpop_lambda": 50.0}
+    assert methods == [("sigmoid", 0.0, 0.1, 0.0, 0.0, lr), ("sigmoid", 50.0, 0.1, 0.0, 0.0, lr)]
+    dpo, dpop = model("beta_0.1-lambda_0-a_00000"), model("beta_0.1-lambda_50-a_00001", dpop_lambda=50.0)
     sweep = method_styles([dpop, dpo], methods)  # tune's curves: every trial
-    evaluated = method_styles([{"name": "reference", "beta": None, "dpop_lambda": None}, dpop], methods)
+    evaluated = method_styles([{"name": "reference", "params": None}, dpop], methods)
     assert sweep[dpo["name"]][:2] == ("DPO (λ 0)", "C0")
     assert sweep[dpop["name"]][:2] == evaluated[dpop["name"]][:2] == ("DPOP (λ 50)", "C1")
     assert evaluated["reference"][:2] == ("reference", "gray")
@@ -200,10 +207,21 @@ def test_one_colour_and_label_per_method_in_every_figure(tmp_path, raw):
     raw["eval"]["policies"] = ["train", "tune"]
     raw["train"]["beta"] = 0.3
     methods = run_methods(load_config(write_config(tmp_path / "c.yaml", raw)))
-    assert methods == [(0.0, 0.1), (0.0, 0.5), (50.0, 0.1), (50.0, 0.3), (50.0, 0.5)]
-    styles = method_styles([dpo, {"name": "train", "beta": 0.3, "dpop_lambda": 50.0}], methods)
+    assert [(m[1], m[2]) for m in methods] == [(0.0, 0.1), (0.0, 0.5), (50.0, 0.1), (50.0, 0.3), (50.0, 0.5)]
+    styles = method_styles([dpo, model("train", dpop_lambda=50.0, beta=0.3)], methods)
     assert styles[dpo["name"]].label == "DPO (β 0.1, λ 0)"
     assert styles["train"][:2] == ("train: DPOP (β 0.3, λ 50)", "C3")
+    # The loss menu: loss type × λ × α, every method named.
+    raw["tune"] = {"beta": [0.1], "dpop_lambda": [0.0, 50.0], "loss_type": ["sigmoid", "ipo"], "nll_weight": [0.0, 1.0],
+                   "metric": "eval/rewards/accuracies", "mode": "max"}
+    raw["eval"]["policies"] = ["tune"]
+    methods = run_methods(load_config(write_config(tmp_path / "c.yaml", raw)))
+    assert len(methods) == 8
+    names = [model(f"m{i}", *m[:2], nll_weight=m[4]) for i, m in enumerate(methods)]
+    labels = [style.label for style in method_styles(names, methods).values()]
+    assert labels == ["IPO (λ 0, α 0)", "IPO + NLL (λ 0, α 1)", "IPO + penalty (λ 50, α 0)",
+                      "IPO + penalty + NLL (λ 50, α 1)", "DPO (λ 0, α 0)", "DPO + NLL (λ 0, α 1)",
+                      "DPOP (λ 50, α 0)", "DPOP + NLL (λ 50, α 1)"]
 
 
 def test_the_sweep_table_shows_each_metric_once(tmp_path):
@@ -215,15 +233,16 @@ def test_the_sweep_table_shows_each_metric_once(tmp_path):
     from pipeline.report import Report, _tune_section
 
     metric = "eval/rewards/accuracies"
-    trial = {"trial_id": "a_00000", "beta": 0.1, "dpop_lambda": 0.0, "status": "finished", "steps": 4,
+    trial = {"trial_id": "a_00000", "method": "DPO", "loss_type": "sigmoid", "beta": 0.1, "dpop_lambda": 0.0,
+             "label_smoothing": 0.0, "nll_weight": 0.0, "learning_rate": 1e-3, "status": "finished", "steps": 4,
              "metric": metric, "final_metric": 0.75, "logps/chosen": -2.0, "eval/logps/chosen": -2.1, metric: 0.75}
     (tmp_path / "tune").mkdir()
     pq.write_table(pa.Table.from_pylist([trial]), tmp_path / "tune" / "trials.parquet")
     report = Report(str(tmp_path), str(tmp_path))
     _tune_section(report, {"trials": {"finished": 1}, "sweep_seconds": 10.0, "best": None}, str(tmp_path / "tune"))
-    header = next(line for line in report.lines if line.startswith("| β")).splitlines()[0]
+    header = next(line for line in report.lines if line.startswith("| method")).splitlines()[0]
     columns = [c.strip() for c in header.strip("|").split("|")]
-    assert columns == ["β", "λ", "status", "steps", metric, "logps/chosen", "eval/logps/chosen"]
+    assert columns == ["method", "β", "λ", "status", "steps", metric, "logps/chosen", "eval/logps/chosen"]
 
 
 @pytest.fixture
@@ -254,8 +273,9 @@ def test_two_dropped_rows_beside_four_hundred_pairs_are_seen(tmp_path, drawn):
 def test_titles_fit_and_steps_are_whole(tmp_path, drawn):
     from pipeline import plots
 
-    rows = [{"trial_id": f"x_0000{i}", "beta": 0.1, "dpop_lambda": lam, "status": "finished", "final_metric": 0.5,
-             "kept_metric": 0.5}
+    rows = [{"trial_id": f"x_0000{i}", "loss_type": "sigmoid", "beta": 0.1, "dpop_lambda": lam,
+             "label_smoothing": 0.0, "nll_weight": 0.0, "learning_rate": 1e-3, "status": "finished",
+             "final_metric": 0.5, "kept_metric": 0.5}
             for i, lam in enumerate((0.0, 50.0))]
     plots.sweep_heatmap(rows, "eval/rewards/accuracies", "max", str(tmp_path / "heatmap.png"))
     fig = drawn[-1]
@@ -266,7 +286,9 @@ def test_titles_fit_and_steps_are_whole(tmp_path, drawn):
                 "logps/rejected": -3.0, "dpop/penalty_active": 0.0} for step in (1, 2, 3)]
     plots.training_curves(metrics, str(tmp_path / "curves.png"))
     curves = {"x_00000": metrics, "x_00001": metrics}
-    plots.sweep_logps_chosen(rows, curves, [(0.0, 0.1), (50.0, 0.1)], str(tmp_path / "logps.png"))
+    models = [{"name": r["trial_id"], "params": {k: r[k] for k in METHOD_KEYS}} for r in rows]
+    plots.logps_chosen_curves(models, curves, [("sigmoid", lam, 0.1, 0.0, 0.0, 1e-3) for lam in (0.0, 50.0)],
+                              str(tmp_path / "logps.png"))
     for fig in drawn[-2:]:
         for ax in fig.axes:
             assert all(float(tick).is_integer() for tick in ax.get_xticks()), ax.get_title()

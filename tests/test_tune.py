@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from conftest import demo_config, read_manifest, write_config
+from pipeline import storage
 from pipeline.cli import main
 
 
@@ -62,10 +63,7 @@ def mlflow_status(run_dir, trial: dict) -> str:
 
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tune import trial_folder
-
-    folder = trial_folder(trial["beta"], trial["dpop_lambda"], trial["trial_id"])
-    state = json.loads((run_dir / "tune" / "trials" / folder / "tracking.json").read_text())
+    state = json.loads(storage.read_text(storage.join(trial["out"], "tracking.json")))
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     return MlflowClient(tracking_uri=state["mlflow_tracking_uri"]).get_run(state["mlflow_run_id"]).info.status
 
@@ -113,8 +111,8 @@ def test_eval_scores_every_finished_trial_and_picks_the_best_by_a_benchmark(swee
     assert set(evaluated) == set(finished.model)
     assert len(manifest["skipped_trials"]) == len(trials) - len(finished)
     for trial in finished.itertuples():
-        assert (evaluated[trial.model]["beta"], evaluated[trial.model]["dpop_lambda"]) == (trial.beta,
-                                                                                            trial.dpop_lambda)
+        params = evaluated[trial.model]["params"]
+        assert (params["beta"], params["dpop_lambda"]) == (trial.beta, trial.dpop_lambda)
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     change = {r["model"]: r["value"] for r in results if r["metric"] == "logps/chosen_change"}
     assert set(change) == {m["name"] for m in manifest["models"][1:]}
@@ -183,3 +181,33 @@ def test_trials_rank_by_the_weights_they_kept():
             for name, curve in (("stopped", stopped), ("plain", plain))]
     assert best_trial(rows, "max")["trial_id"] == "plain"
     assert max(rows, key=lambda r: r["final_metric"])["trial_id"] == "stopped"  # what ranking by the last value picks
+
+
+def test_a_sweep_over_the_loss_menu(sweep_config):
+    """Loss types crossed with DPOP's penalty and RPO's NLL term, every trial on the one reference pass: each trial
+    trains its own loss. At step 1 the policy is the reference, so the margin is 0 and each logged loss is its closed
+    form plus α times the logged NLL: IPO (0 − 1/(2β))² = 25 at β 0.1, SLiC's hinge max(0, 1 − 0) = 1."""
+    config, run_dir = sweep_config
+    assert main(["run", config, "--stages", "tune", "--set", "tune.loss_type=[ipo, hinge]",
+                 "--set", "tune.beta=[0.1]", "--set", "tune.dpop_lambda=[50.0]", "--set", "tune.nll_weight=[1.0]",
+                 "--set", "tune.scheduler=none", "--set", "tune.metric=logps/chosen", "--set", "tune.mode=max",
+                 "--set", "train.max_steps=2", "--set", "train.log_every=1", "--set", "train.eval_every=0"]) == 0
+    trials = {t["loss_type"]: t for t in pq.read_table(run_dir / "tune" / "trials.parquet").to_pylist()}
+    assert {t["method"] for t in trials.values()} == {"IPO + penalty + NLL", "SLiC + penalty + NLL"}
+    for loss_type, at_zero_margin in (("ipo", 25.0), ("hinge", 1.0)):
+        trial = trials[loss_type]
+        assert trial["status"] == "finished" and f"-loss_{loss_type}-" in trial["out"]
+        first = json.loads(storage.read_text(storage.join(trial["out"], "metrics.jsonl")).splitlines()[0])
+        assert first["step"] == 1 and first["nll"] > 0
+        assert first["loss"] - 1.0 * first["nll"] == pytest.approx(at_zero_margin, abs=1e-3)
+
+
+def test_ranking_a_sweep_of_several_losses_by_their_loss_is_refused(sweep_config):
+    """Losses of different types (or with and without the NLL term) are on different scales: ranking trials, or
+    letting ASHA stop them, by `loss` would compare the scales, not the methods."""
+    from pipeline.config import ConfigError, load_config
+
+    config, _ = sweep_config
+    for swept in ("tune.loss_type=[sigmoid, ipo]", "tune.nll_weight=[0.0, 1.0]"):
+        with pytest.raises(ConfigError, match="tune.metric: eval/loss compares losses on different scales"):
+            load_config(config, [swept])

@@ -1,17 +1,18 @@
-"""Answers -> numbers: each task kind's metrics for one model, the results table, the best trial, and the DPO
-against DPOP comparison the stage prints and the report shows."""
+"""Answers -> numbers: each task kind's metrics for one model, the results table, the best trial, and the
+comparison of the methods evaluated that the stage prints and the report shows."""
 import re
 from dataclasses import dataclass
 
-from pipeline.vocab import TASK_METRICS
+from pipeline.vocab import TASK_METRICS, method_label, varying_keys
+
 
 @dataclass
 class Model:
     name: str
     """`reference`, `train`, or a trial's folder name."""
     path: str
-    beta: float | None = None
-    dpop_lambda: float | None = None
+    params: dict | None = None
+    """The method that trained it (vocab.METHOD_KEYS: loss type, λ, β, ε, α, learning rate); None: the reference."""
 
 
 STRICT_ANSWER = re.compile(r"#### (\-?[0-9\.\,]+)")
@@ -119,28 +120,26 @@ def select_trial(rows: list[dict], models: list[Model], select_by: str, mode: st
         return None
     best = (max if mode == "max" else min)(scored, key=lambda r: r["value"])
     model = trials[best["model"]]
-    return {"trial": model.name, "beta": model.beta, "dpop_lambda": model.dpop_lambda, "model": model.path,
-            "select_by": select_by, "mode": mode, "value": best["value"], "n": best["n"]}
+    return {"trial": model.name, **model.params, "model": model.path, "select_by": select_by, "mode": mode,
+            "value": best["value"], "n": best["n"]}
 
 
-def dpo_against_dpop(results: list[dict], models: list[dict]) -> list[str]:
-    """Sentences comparing plain DPO (λ = 0) with DPOP (λ > 0) where both were evaluated: the paper's finding, on
-    this run's data."""
-    dpo = [m for m in models if m.get("dpop_lambda") == 0]
-    dpop = [m for m in models if (m.get("dpop_lambda") or 0) > 0]
-    if not dpo or not dpop:
-        return []
-    lines = []
+# The columns of the method comparison: what each method did to the chosen completions, and the benchmarks.
+COMPARED = ("logps/chosen_change", "logps/chosen_below_reference", "rewards/accuracies", "acc", "acc_norm",
+            "exact_match")
+
+
+def method_comparison(results: list[dict], models: list[dict]) -> tuple[list[str], list[list]] | None:
+    """A table of every evaluated model (the reference first, then each method by its label) against the metrics
+    users compare methods by (COMPARED): `header, rows`. None when fewer than two trained methods were evaluated."""
+    trained = [m for m in models if m.get("params") is not None]
+    if len(trained) < 2:
+        return None
+    varying = varying_keys([m["params"] for m in trained])
+    columns = list(dict.fromkeys((r["task"], r["metric"]) for r in results if r["metric"] in COMPARED))
     value = {(r["model"], r["task"], r["metric"]): r["value"] for r in results}
-    tasks = list(dict.fromkeys((r["task"], r["metric"]) for r in results
-                               if r["metric"] in ("logps/chosen_change", "exact_match", "acc_norm")))
-    for task, metric in tasks:
-        for a in dpo:
-            for b in dpop:
-                if (a["name"], task, metric) in value and (b["name"], task, metric) in value:
-                    lines.append(f"- {task} {metric}: DPO (β {a['beta']:g}, λ 0) {value[(a['name'], task, metric)]:.4g}"
-                                 f" against DPOP (β {b['beta']:g}, λ {b['dpop_lambda']:g}) "
-                                 f"{value[(b['name'], task, metric)]:.4g}"
-                                 + (f"; reference {value[('reference', task, metric)]:.4g}"
-                                    if ("reference", task, metric) in value else ""))
-    return lines
+    header = ["model", *(f"{task} {metric}" for task, metric in columns)]
+    rows = [[m["name"] if m.get("params") is None else method_label(m["params"], varying),
+             *(value.get((m["name"], task, metric)) for task, metric in columns)] for m in models]
+    return header, rows
+

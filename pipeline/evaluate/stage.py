@@ -10,11 +10,11 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 from pipeline import plots, storage
 from pipeline.config import Config, below_reference_nats_per_token
 from pipeline.engines import EngineActor, engine_actor
-from pipeline.evaluate.metrics import (Model, dpo_against_dpop, gsm8k_metrics, multiple_choice_metrics, pair_metrics,
-                                       results_table, select_trial)
+from pipeline.evaluate.metrics import (Model, gsm8k_metrics, method_comparison, multiple_choice_metrics,
+                                       pair_metrics, results_table, select_trial)
 from pipeline.evaluate.tasks import build_tasks
 from pipeline.pairs import load_tokenizer
-from pipeline.vocab import Stage
+from pipeline.vocab import METHOD_KEYS, Stage
 
 
 class EvalScorer(EngineActor):
@@ -48,16 +48,16 @@ def models_to_evaluate(cfg: Config, stage) -> tuple[list[Model], list[dict]]:
     models = [Model("reference", cfg.model.name_or_path)]
     skipped = []
     if Stage.TRAIN in stage.inputs:
-        models.append(Model("train", stage.manifests[Stage.TRAIN]["model"], cfg.train.beta, cfg.train.dpop_lambda))
+        models.append(Model("train", stage.manifests[Stage.TRAIN]["model"],
+                            {key: getattr(cfg.train, key) for key in METHOD_KEYS}))
     if Stage.TUNE in stage.inputs:
         trials = storage.read_parquet(storage.join(stage.inputs[Stage.TUNE], "trials.parquet"))
-        for trial in sorted(trials.to_pylist(), key=lambda t: (t["dpop_lambda"], t["beta"], t["trial_id"])):
+        for trial in sorted(trials.to_pylist(), key=lambda t: [t[key] for key in METHOD_KEYS] + [t["trial_id"]]):
+            params = {key: trial[key] for key in METHOD_KEYS}
             if trial["model"]:
-                models.append(Model(trial["model"].rstrip("/").split("/")[-2], trial["model"], trial["beta"],
-                                    trial["dpop_lambda"]))
+                models.append(Model(trial["model"].rstrip("/").split("/")[-2], trial["model"], params))
             else:
-                skipped.append({"trial_id": trial["trial_id"], "beta": trial["beta"],
-                                "dpop_lambda": trial["dpop_lambda"], "status": trial["status"]})
+                skipped.append({"trial_id": trial["trial_id"], **params, "status": trial["status"]})
     return models, skipped
 
 
@@ -94,7 +94,8 @@ def evaluate_policies(cfg: Config, stage) -> dict:
         answers = answer_requests(cfg, model, table) if table.num_rows else {}
         for task in tasks:
             if task.kind == "pairs":
-                metrics = pair_metrics(task.items, None if model.name == "reference" else answers, model.beta,
+                metrics = pair_metrics(task.items, None if model.params is None else answers,
+                                       model.params and model.params["beta"],
                                        below_reference_nats_per_token(cfg))
             elif task.kind == "multiple_choice":
                 metrics = multiple_choice_metrics(task.items, answers)
@@ -120,8 +121,12 @@ def evaluate_policies(cfg: Config, stage) -> dict:
     if best:
         storage.write_text(storage.join(stage.out, "best.json"), json.dumps(best, indent=1))
     print(results_table(rows, models), flush=True)
-    for line in dpo_against_dpop(results, [vars(m) for m in models]):
-        print(f"[dpop] eval: {line[2:]}", flush=True)
+    comparison = method_comparison(results, [vars(m) for m in models])
+    if comparison:
+        header, table = comparison
+        for label, *values in table:
+            shown = ", ".join(f"{name} {value:.4g}" for name, value in zip(header[1:], values) if value is not None)
+            print(f"[dpop] eval: {label}: {shown}", flush=True)
     if best:
         print(f"[dpop] eval: best trial by {best['select_by']}: {best['trial']} ({best['value']:.4g})", flush=True)
 

@@ -15,7 +15,8 @@ Each worker (`train_loop`), top to bottom:
     read, dropout off; AdamW + warm-up/decay) -> CheckpointManager.restore
     -> the train split into memory (TrainPairs), globally shuffled per epoch by `stream_indices`
     -> per step (`train_step`): micro-batches (`forward_backward_step`: chosen and rejected in one forward,
-       dpop_loss, backward) -> clip, step -> metrics (all-reduced) -> `evaluate` / `CheckpointManager.save` when due
+       preference_loss + α · NLL, backward) -> clip, step -> metrics (all-reduced)
+       -> `evaluate` / `CheckpointManager.save` when due
     -> `save_policy`: every worker writes its share of the policy's safetensors files, from its shards.
 
 Exact resume: step s always trains on positions [(s - 1) * batch_size, s * batch_size) of the one seeded stream,

@@ -1,5 +1,5 @@
 """What every Ray Train worker runs (`train_loop`), top to bottom: setup, then per step `train_step` (micro-batches
-through `forward_backward_step`: chosen and rejected in one forward, dpop_loss, backward; clip; step), metrics
+through `forward_backward_step`: chosen and rejected in one forward, the preference loss, backward; clip; step), metrics
 all-reduced, `evaluate` and checkpoints when due, early stopping, and the final policy.
 """
 import logging
@@ -162,33 +162,46 @@ def concatenated_forward(model, batch: dict, pad_id: int, layout: str, device):
     return logps[:, 0], logps[:, 1]
 
 
-def dpop_step_stats(worker: Worker, batch: dict):
-    """Forward one micro-batch; return the per-pair losses (with grad) and the summed statistics of STAT_KEYS."""
+def step_stats(worker: Worker, batch: dict):
+    """Forward one micro-batch; return the per-pair losses (with grad): train.loss_type of DPOP's margin, plus
+    α · the chosen mean token NLL, and the summed statistics of STAT_KEYS. The statistics are of summed log-probs
+    whatever the loss, so the methods of a sweep compare on one scale."""
     import torch
 
-    from pipeline.loss import dpop_loss
+    from pipeline.loss import chosen_nll, preference_loss
 
     t, device = worker.cfg.train, worker.device
     policy_chosen, policy_rejected = concatenated_forward(worker.model, batch, worker.pad_id, worker.layout, device)
     ref_chosen = torch.tensor(batch["ref_chosen_logp"], dtype=torch.float32, device=device)
     ref_rejected = torch.tensor(batch["ref_rejected_logp"], dtype=torch.float32, device=device)
-    chosen_tokens = torch.tensor([len(chosen) for chosen in batch["chosen_ids"]], dtype=torch.float32, device=device)
-    out = dpop_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, t.beta, t.dpop_lambda)
-    ref_gap = ((policy_chosen.detach() - ref_chosen).abs() + (policy_rejected.detach() - ref_rejected).abs()) / 2
+    chosen_tokens, rejected_tokens = (torch.tensor([len(ids) for ids in batch[column]], dtype=torch.float32,
+                                                   device=device) for column in ("chosen_ids", "rejected_ids"))
+    logps = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    if t.loss_type == "ipo":  # IPO's target margin 1/(2β) is per token: means over each completion, as TRL takes
+        logps = tuple(lp / n for lp, n in zip(logps, (chosen_tokens, rejected_tokens) * 2))
+    out = preference_loss(*logps, beta=t.beta, loss_type=t.loss_type, dpop_lambda=t.dpop_lambda,
+                          label_smoothing=t.label_smoothing)
+    nll = chosen_nll(policy_chosen, chosen_tokens)
+    losses = out.losses + t.nll_weight * nll if t.nll_weight else out.losses
+    chosen_logratio = (policy_chosen - ref_chosen).detach()
+    rejected_logratio = (policy_rejected - ref_rejected).detach()
+    penalty = torch.clamp(-chosen_logratio, min=0.0)
+    ref_gap = (chosen_logratio.abs() + rejected_logratio.abs()) / 2
     sums = torch.stack([
-        out.losses.detach().sum(),
-        out.chosen_rewards.sum(),
-        out.rejected_rewards.sum(),
-        (out.chosen_rewards > out.rejected_rewards).float().sum(),
-        (out.chosen_rewards - out.rejected_rewards).sum(),
+        losses.detach().sum(),
+        t.beta * chosen_logratio.sum(),
+        t.beta * rejected_logratio.sum(),
+        (chosen_logratio > rejected_logratio).float().sum(),
+        t.beta * (chosen_logratio - rejected_logratio).sum(),
         policy_chosen.detach().sum(),
         policy_rejected.detach().sum(),
-        out.penalty.sum(),
-        (out.penalty > below_reference_nats_per_token(worker.cfg) * chosen_tokens).float().sum(),
+        penalty.sum(),
+        (penalty > below_reference_nats_per_token(worker.cfg) * chosen_tokens).float().sum(),
         ref_gap.sum(),
+        nll.detach().sum(),
         torch.tensor(float(len(ref_chosen)), device=device),
     ])
-    return out.losses, sums
+    return losses, sums
 
 
 def reduce_stats(sums, prefix: str = "") -> dict:
@@ -202,10 +215,10 @@ def reduce_stats(sums, prefix: str = "") -> dict:
 
 
 def forward_backward_step(worker: Worker, batch: dict, last_micro_batch: bool):
-    """One micro-batch: forward, DPOP loss, backward. Gradients reduce-scatter only on the step's last one."""
+    """One micro-batch: forward, preference loss, backward. Gradients reduce-scatter only on the step's last one."""
     t = worker.cfg.train
     worker.model.set_requires_gradient_sync(last_micro_batch)
-    losses, sums = dpop_step_stats(worker, batch)
+    losses, sums = step_stats(worker, batch)
     # Sum over this worker's pairs / its pairs per step; FSDP averages over workers: a mean per pair.
     (losses.sum() / (t.batch_size // worker.world)).backward()
     return sums
@@ -251,7 +264,7 @@ def evaluate(worker: Worker, eval_batches: list[dict]) -> dict:
     total = None
     with torch.no_grad():
         for batch in eval_batches:
-            _, sums = dpop_step_stats(worker, batch)
+            _, sums = step_stats(worker, batch)
             total = sums if total is None else total + sums
     worker.model.train()
     return reduce_stats(total, prefix="eval/")
