@@ -196,6 +196,16 @@ class EarlyStoppingSection(Section):
     """An evaluation improves on the best only by more than this."""
 
 
+class MethodSection(Section):
+    """One method of tune.methods: the train keys it sets (each optional; the rest come from the sweep's grid)."""
+    loss_type: Literal["sigmoid", "robust", "ipo", "hinge"] | None = None
+    dpop_lambda: Float | None = Field(None, ge=0)
+    beta: Float | None = Field(None, gt=0)
+    label_smoothing: Float | None = Field(None, ge=0, lt=0.5)
+    nll_weight: Float | None = Field(None, ge=0)
+    learning_rate: Float | None = Field(None, gt=0)
+
+
 class LoraSection(Section):
     r: int = Field(16, gt=0)
     """Rank of each adapter: the update to a weight W is (alpha / r) * B @ A, with A of r rows and B of r columns."""
@@ -337,6 +347,12 @@ class TuneSection(Section):
     train.nll_weight."""
     learning_rate: list[Annotated[float, Field(gt=0), BeforeValidator(_yaml_float)]] | None = None
     """train.learning_rate values to sweep; unset: train.learning_rate."""
+    methods: list[MethodSection] | None = None
+    """Named methods instead of a full cross of the lists above: each item sets some of loss_type, dpop_lambda,
+    beta, label_smoothing, nll_weight and learning_rate, and the grid of the keys it does not set crosses it. E.g.
+    [{dpop_lambda: 0}, {dpop_lambda: 50}, {loss_type: ipo, dpop_lambda: 0}, {dpop_lambda: 0, nll_weight: 1}] is
+    DPO, DPOP, IPO and DPO + NLL, 4 trials where the lists would cross into 8. A key a method sets may not also
+    be listed with several values."""
     search: Literal["grid", "random", "optuna"] = "grid"
     """`grid`: every combination of the swept values, `num_samples` times. `random` / `optuna`: `num_samples`
     trials choosing among the listed values (optuna needs the `optuna` package)."""
@@ -541,11 +557,16 @@ def _check_consistency(cfg: Config) -> Config:
             if getattr(cfg.tune, key) == []:
                 raise ConfigError(f"tune.{key}: needs at least one value")
         grid = tune_grid(cfg)
-        smoothed = [ls for ls in grid["label_smoothing"] if ls]
-        unsmoothable = [lt for lt in grid["loss_type"] if lt not in ("sigmoid", "robust")]
-        if smoothed and unsmoothable:
-            raise ConfigError(f"tune.label_smoothing: {smoothed} would cross loss_type {unsmoothable}, which take no "
-                              f"label smoothing; sweep them in separate runs")
+        for i, method in enumerate(cfg.tune.methods or []):
+            for key, value in method.model_dump(exclude_none=True).items():
+                if len(grid[key]) > 1:
+                    raise ConfigError(f"tune.methods[{i}].{key}: set to {value:g} here and swept as tune.{key} "
+                                      f"{grid[key]}; give it in one place")
+        for trial in sweep_methods(cfg):
+            if trial["label_smoothing"] and trial["loss_type"] not in ("sigmoid", "robust"):
+                raise ConfigError(f"tune.label_smoothing: {trial['label_smoothing']:g} would apply to loss_type "
+                                  f"{trial['loss_type']}, which takes no label smoothing; sweep them apart "
+                                  f"(tune.methods)")
         _check_tune_metric(cfg)
     if cfg.eval is not None:
         _check_eval(cfg)
@@ -644,8 +665,24 @@ def _check_early_stopping(cfg: Config) -> None:
 
 
 def tune_grid(cfg: Config) -> dict[str, list]:
-    """The values a sweep takes for each of METHOD_KEYS: tune's list where it has one, else train's one value."""
+    """The values a sweep takes for each of METHOD_KEYS: tune's list where it has one, else train's one value
+    (tune.methods, where given, override the keys they set)."""
     return {key: list(getattr(cfg.tune, key) or [getattr(cfg.train, key)]) for key in METHOD_KEYS}
+
+
+def sweep_methods(cfg: Config) -> list[dict]:
+    """Every method a sweep trains (dicts of METHOD_KEYS), in grid order: each of tune.methods (or one empty
+    method) crossed with the grid of the keys it does not set."""
+    import itertools
+
+    grid = tune_grid(cfg)
+    found = []
+    for method in [m.model_dump(exclude_none=True) for m in cfg.tune.methods or []] or [{}]:
+        free = [key for key in METHOD_KEYS if key not in method]
+        for values in itertools.product(*(grid[key] for key in free)):
+            trial = {**dict(zip(free, values)), **method}
+            found.append({key: trial[key] for key in METHOD_KEYS})
+    return found
 
 
 def _check_tune_metric(cfg: Config) -> None:
@@ -658,12 +695,12 @@ def _check_tune_metric(cfg: Config) -> None:
                           f"{', '.join(REPORTED_METRICS)}")
     if metric.startswith("eval/") and cfg.data.eval_fraction == 0:
         raise ConfigError(f"tune.metric: {metric!r} needs an eval split, but data.eval_fraction is 0")
-    grid = tune_grid(cfg)
-    mixed = [key for key in ("loss_type", "label_smoothing", "nll_weight") if len(grid[key]) > 1]
+    methods = sweep_methods(cfg)
+    mixed = [key for key in ("loss_type", "label_smoothing", "nll_weight") if len({m[key] for m in methods}) > 1]
     if metric.removeprefix("eval/") == "loss" and mixed:
-        raise ConfigError(f"tune.metric: {metric} compares losses on different scales across tune.{mixed[0]} "
-                          f"{grid[mixed[0]]}; rank by a metric every method shares, e.g. eval/rewards/accuracies or "
-                          f"eval/logps/chosen")
+        values = sorted({m[mixed[0]] for m in methods}, key=str)
+        raise ConfigError(f"tune.metric: {metric} compares losses on different scales across {mixed[0]} {values}; "
+                          f"rank by a metric every method shares, e.g. eval/rewards/accuracies or eval/logps/chosen")
 
 
 def _is_local(path: str) -> bool:

@@ -5,13 +5,12 @@ Each function takes plain rows (metrics.jsonl rows, manifest fields, result rows
 figure from storage alone.
 """
 import contextlib
-import itertools
 import os
 import tempfile
 from typing import NamedTuple
 
 from pipeline import storage
-from pipeline.config import Config, tune_grid
+from pipeline.config import Config, sweep_methods
 from pipeline.vocab import LOW_EDIT_DISTANCE, METHOD_KEYS, method_label, varying_keys
 
 
@@ -184,7 +183,7 @@ def run_methods(cfg: Config) -> list[tuple]:
     """Every method a run trains (a tuple of METHOD_KEYS values), sorted: the sweep's grid, and train's own where it
     is trained without a sweep or evaluated. Every figure of the run numbers its methods from this one list, so a
     method keeps its colour even in a figure where another method is missing (a trial that ASHA stopped)."""
-    methods = set(itertools.product(*tune_grid(cfg).values())) if cfg.tune else set()
+    methods = {tuple(m[key] for key in METHOD_KEYS) for m in sweep_methods(cfg)} if cfg.tune else set()
     if cfg.tune is None or (cfg.eval is not None and "train" in cfg.eval.policies):
         methods.add(tuple(getattr(cfg.train, key) for key in METHOD_KEYS))
     return sorted(methods)

@@ -19,7 +19,7 @@ import time
 import pyarrow as pa
 
 from pipeline import plots, storage
-from pipeline.config import Config, tune_grid
+from pipeline.config import Config, sweep_methods, tune_grid
 from pipeline.tracking import end_killed_run, run_params
 from pipeline.train.data import load_pairs
 from pipeline.train.metrics import read_metrics
@@ -32,12 +32,17 @@ TRIAL_DRIVER_CPUS = 0.1  # a trial's own process only waits on its TorchTrainer;
 FOLDER_PARTS = {"loss_type": "loss", "label_smoothing": "ls", "nll_weight": "nll", "learning_rate": "lr"}
 
 
-def trial_folder(params: dict, trial_id: str, grid: dict) -> str:
-    """Readable and unique: β and λ, each other method key the sweep varies (`grid`: config.tune_grid), and Tune's
-    trial id, which tells repeats of the grid (num_samples) or of a random draw apart."""
+def trial_folder(params: dict, trial_id: str, varying: list[str]) -> str:
+    """Readable and unique: β and λ, each other method key the sweep varies (`varying`), and Tune's trial id, which
+    tells repeats of the grid (num_samples) or of a random draw apart."""
     extra = "".join(f"-{part}_{params[key]:g}" if key != "loss_type" else f"-{part}_{params[key]}"
-                    for key, part in FOLDER_PARTS.items() if len(grid[key]) > 1)
+                    for key, part in FOLDER_PARTS.items() if key in varying)
     return f"beta_{params['beta']:g}-lambda_{params['dpop_lambda']:g}{extra}-{trial_id}"
+
+
+def trial_params(config: dict) -> dict:
+    """A trial's METHOD_KEYS from its Tune config: the grid's values, overridden by its tune.methods item."""
+    return {key: config.get("method", {}).get(key, config[key]) for key in METHOD_KEYS}
 
 
 def run_trial(params: dict, cfg: Config, out: str, reference_fingerprint: str, pairs: dict) -> None:
@@ -48,9 +53,10 @@ def run_trial(params: dict, cfg: Config, out: str, reference_fingerprint: str, p
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    grid = tune_grid(cfg)
+    varying = varying_keys(sweep_methods(cfg))
+    params = trial_params(params)
     cfg = cfg.copy_with({f"train.{key}": params[key] for key in METHOD_KEYS})
-    folder = trial_folder(params, tune.get_context().get_trial_id(), grid)
+    folder = trial_folder(params, tune.get_context().get_trial_id(), varying)
     trial_out = storage.join(out, "trials", folder)
     tracking = {"name": f"{cfg.run.name}/{folder}", "params": run_params(cfg, reference_fingerprint)}
     result = make_trainer(cfg, trial_out, "ray-train", pairs, tracking, callbacks=[TuneReportCallback()],
@@ -84,7 +90,7 @@ def release_stopped_trial_resources(cfg: Config, out: str):
 
         def _end_tracked_run(self, trial, status: str):
             if cfg.run.trackers:
-                folder = trial_folder(trial.config, trial.trial_id, tune_grid(cfg))
+                folder = trial_folder(trial_params(trial.config), trial.trial_id, varying_keys(sweep_methods(cfg)))
                 end_killed_run(storage.join(out, "trials", folder), status)
 
         def _release(self, trial):
@@ -106,6 +112,8 @@ def _search(cfg: Config, param_space: dict):
     tc = cfg.tune
     space = tune.grid_search if tc.search == "grid" else tune.choice
     param_space.update({key: space(values) for key, values in tune_grid(cfg).items()})
+    if tc.methods:
+        param_space["method"] = space([m.model_dump(exclude_none=True) for m in tc.methods])
     if tc.search in ("grid", "random"):
         return None
     try:
@@ -141,12 +149,12 @@ def _latest_checkpoint(trial_out: str) -> str | None:
 def trial_table(results, cfg: Config, out: str) -> tuple[list[dict], dict[str, list[dict]]]:
     """One row per trial (its method and METHOD_KEYS, status, error, final and best metric, paths) and each
     trial's metric rows, by trial id."""
-    tc, max_steps, grid = cfg.tune, cfg.train.max_steps, tune_grid(cfg)
+    tc, max_steps, varying = cfg.tune, cfg.train.max_steps, varying_keys(sweep_methods(cfg))
     rows, curves = [], {}
     for result in results:
-        params = {key: result.config[key] for key in METHOD_KEYS}
+        params = trial_params(result.config)
         trial_id = result.metrics["trial_id"]  # Tune sets it even for a trial that failed before reporting
-        folder = trial_folder(params, trial_id, grid)
+        folder = trial_folder(params, trial_id, varying)
         trial_out = storage.join(out, "trials", folder)
         metrics = read_metrics(trial_out)
         curves[trial_id] = metrics
@@ -248,9 +256,10 @@ def sweep(cfg: Config, stage) -> dict:
                                       callbacks=[release_stopped_trial_resources(cfg, stage.out)],
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
         )
-    grid = tune_grid(cfg)
-    swept = " × ".join(f"{key} {', '.join(map(str, values))}" for key, values in grid.items() if len(values) > 1)
-    print(f"[dpop] tune: {swept or 'one method'} ({tc.search}, {tc.num_samples} sample(s)), up to "
+    methods = sweep_methods(cfg)
+    varying = varying_keys(methods)
+    print(f"[dpop] tune: {len(methods)} method(s): {'; '.join(method_label(m, varying) for m in methods)} "
+          f"({tc.search}, {tc.num_samples} sample(s)), up to "
           f"{concurrency} trial(s) at once, each with {cfg.train.num_workers} train worker(s)", flush=True)
     started = time.time()
     results = tuner.fit()

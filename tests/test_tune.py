@@ -211,3 +211,23 @@ def test_ranking_a_sweep_of_several_losses_by_their_loss_is_refused(sweep_config
     for swept in ("tune.loss_type=[sigmoid, ipo]", "tune.nll_weight=[0.0, 1.0]"):
         with pytest.raises(ConfigError, match="tune.metric: eval/loss compares losses on different scales"):
             load_config(config, [swept])
+
+
+def test_named_methods_cross_only_the_keys_they_leave_free(tmp_path, tiny_model):
+    """tune.methods: DPO, DPOP, IPO and DPO + NLL are 4 trials (the lists would cross into 8), each crossed with the
+    grid of the keys it does not set (β here); a key set by a method and swept by a list is refused."""
+    from pipeline.config import ConfigError, load_config, sweep_methods
+    from pipeline.vocab import method_name
+
+    config = demo_config(tmp_path, tiny_model)
+    raw = yaml.safe_load(open(config))
+    raw["tune"] = {"beta": [0.1, 0.5], "metric": "eval/rewards/accuracies", "mode": "max",
+                   "methods": [{"dpop_lambda": 0}, {"dpop_lambda": 50}, {"loss_type": "ipo", "dpop_lambda": 0},
+                               {"dpop_lambda": 0, "nll_weight": 1.0}]}
+    methods = sweep_methods(load_config(write_config(tmp_path / "m.yaml", raw)))
+    assert [(method_name(m), m["beta"]) for m in methods] == [
+        ("DPO", 0.1), ("DPO", 0.5), ("DPOP", 0.1), ("DPOP", 0.5), ("IPO", 0.1), ("IPO", 0.5),
+        ("DPO + NLL", 0.1), ("DPO + NLL", 0.5)]
+    raw["tune"]["dpop_lambda"] = [0.0, 50.0]
+    with pytest.raises(ConfigError, match=r"tune.methods\[0\].dpop_lambda: set to 0 here and swept as tune.dpop_la"):
+        load_config(write_config(tmp_path / "m.yaml", raw))
