@@ -155,9 +155,9 @@ def _eval_section(report: Report, manifest: dict, eval_uri: str, methods: list) 
     comparison = method_comparison(results, models)
     if comparison:
         report.add("### Methods compared\n")
-        report.add("The change in log p(chosen) is against the reference, on held-out pairs, and `below reference` "
-                   "the share of pairs whose chosen log-prob fell below it: Smaug's finding is that DPO lowers it on "
-                   "low-edit-distance pairs and DPOP does not.\n")
+        report.add("`logps/chosen_change` is the change in log p(chosen) against the reference on held-out pairs, and "
+                   "`logps/chosen_below_reference` the share of pairs whose chosen log-prob fell below it: Smaug's "
+                   "finding is that DPO lowers it on low-edit-distance pairs and DPOP does not.\n")
         report.add(_table(*comparison))
         trained = [m for m in models if m.get("params")]
         # Each policy's training curve is the metrics.jsonl beside its model/ folder (train/ or a trial's folder).

@@ -108,3 +108,25 @@ def test_demo_problems_make_low_edit_distance_pairs_and_the_demo_model_learns_th
                                          num_hidden_layers=1, num_attention_heads=1, head_dim=64))
     losses = pretrain(model, tokenizer, [problem_text(q, s) for q, s in problems], steps=30, seed=0, batch_size=8)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+def test_the_methods_table_puts_each_method_beside_the_reference():
+    from pipeline.evaluate.metrics import method_comparison
+
+    def params(loss_type="sigmoid", dpop_lambda=0.0, nll_weight=0.0):
+        return {"loss_type": loss_type, "dpop_lambda": dpop_lambda, "beta": 0.1, "label_smoothing": 0.0,
+                "nll_weight": nll_weight, "learning_rate": 1e-5}
+
+    models = [{"name": "reference", "params": None}, {"name": "a", "params": params()},
+              {"name": "b", "params": params(dpop_lambda=50.0)}, {"name": "c", "params": params("ipo")},
+              {"name": "d", "params": params(nll_weight=1.0)}]
+    results = [{"model": "reference", "task": "arc", "metric": "acc_norm", "value": 0.3}]
+    for i, name in enumerate("abcd"):
+        results += [{"model": name, "task": "arc", "metric": "acc_norm", "value": [0.3, 0.31, 0.32, 0.33][i]},
+                    {"model": name, "task": "pairs", "metric": "logps/chosen_change", "value": -1.0 + i},
+                    {"model": name, "task": "pairs", "metric": "logps/rejected", "value": -9.0}]
+    header, rows = method_comparison(results, models)
+    assert header == ["model", "pairs logps/chosen_change", "arc acc_norm"]
+    assert rows == [["reference", None, 0.3], ["DPO (λ 0, α 0)", -1.0, 0.3], ["DPOP (λ 50, α 0)", 0.0, 0.31],
+                    ["IPO (λ 0, α 0)", 1.0, 0.32], ["DPO + NLL (λ 0, α 1)", 2.0, 0.33]]
+    assert method_comparison(results, models[:2]) is None  # one method: nothing to compare

@@ -136,7 +136,8 @@ def method_comparison(results: list[dict], models: list[dict]) -> tuple[list[str
     if len(trained) < 2:
         return None
     varying = varying_keys([m["params"] for m in trained])
-    columns = list(dict.fromkeys((r["task"], r["metric"]) for r in results if r["metric"] in COMPARED))
+    columns = sorted(dict.fromkeys((r["task"], r["metric"]) for r in results if r["metric"] in COMPARED),
+                     key=lambda column: COMPARED.index(column[1]))  # stable: tasks keep their order
     value = {(r["model"], r["task"], r["metric"]): r["value"] for r in results}
     header = ["model", *(f"{task} {metric}" for task, metric in columns)]
     rows = [[m["name"] if m.get("params") is None else method_label(m["params"], varying),
