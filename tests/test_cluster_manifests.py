@@ -207,3 +207,11 @@ def test_the_main_demo_config_is_valid(tmp_path):
                       [f"data.sources.0.path={data['problems']}", f"eval.sources.0.path={data['problems_test']}"])
     assert cfg.tune.dpop_lambda == [0.0, 50.0] and cfg.eval.policies == ["tune"]
     assert cfg.eval.select_by == "problems_test/exact_match" and cfg.data.sources[0].format == "math_corruption"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "jobs").glob("*.yaml")
+                                        if "model" in yaml.safe_load(p.read_text())))
+def test_every_job_config_has_valid_keys_and_values(name):
+    """Every pipeline config in jobs/ (the demos, the GPU run, the real-model comparisons) passes validation, so no
+    documented command starts from a config that fails on its keys."""
+    config_from_dict(yaml.safe_load((REPO / "jobs" / name).read_text()))
