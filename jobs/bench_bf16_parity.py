@@ -88,7 +88,8 @@ def policy_chosen_logps(policy, pairs: list[dict], pad_id: int, device, micro_ba
     chosen = []
     with torch.no_grad():
         for start in range(0, len(pairs), micro_batch):
-            groups = [(p["prompt_ids"], [p["chosen_ids"], p["rejected_ids"]]) for p in pairs[start:start + micro_batch]]
+            chunk = pairs[start:start + micro_batch]
+            groups = [(p["prompt_ids"], [p["chosen_ids"], p["rejected_ids"]]) for p in chunk]
             chosen += completion_logps(policy, make_batch(groups, pad_id, "packed").to(device)).view(-1, 2)[:, 0].tolist()
     return chosen
 

@@ -8,7 +8,7 @@ loss of the menu.
 | loss_type | per pair | from |
 |---|---|---|
 | `sigmoid` | −(1−ε) log σ(βm) − ε log σ(−βm) | DPO (Rafailov et al. 2023); ε > 0: conservative DPO (Mitchell 2023) |
-| `robust`  | ((1−ε)(−log σ(βm)) + ε log σ(−βm)) / (1 − 2ε) | robust DPO (Chowdhury et al. 2024), unbiased under ε label noise |
+| `robust`  | ((1−ε)(−log σ(βm)) + ε log σ(−βm)) / (1 − 2ε) | robust DPO (Chowdhury et al. 2024), ε flipped labels |
 | `ipo`     | (m − 1/(2β))² | IPO (Azar et al. 2023, Eq. 17; β is the paper's τ) |
 | `hinge`   | max(0, 1 − βm) | SLiC (Zhao et al. 2023) |
 

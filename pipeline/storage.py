@@ -60,6 +60,10 @@ def read_text(uri: str) -> str | None:
             return f.read().decode()
     except FileNotFoundError:
         return None
+    except OSError as error:  # on S3 an object can vanish between the open (a HEAD) and the read (a GET)
+        if "RESOURCE_NOT_FOUND" in str(error) or "NoSuchKey" in str(error):
+            return None
+        raise
 
 
 def write_text(uri: str, text: str) -> None:

@@ -45,6 +45,12 @@ def trial_params(config: dict) -> dict:
     return {key: config.get("method", {}).get(key, config[key]) for key in METHOD_KEYS}
 
 
+def trial_dir(cfg: Config, out: str, config: dict, trial_id: str) -> str:
+    """Where a trial writes: tune/trials/<trial_folder>, from its Tune config."""
+    varying = varying_keys(sweep_methods(cfg))
+    return storage.join(out, "trials", trial_folder(trial_params(config), trial_id, varying))
+
+
 def run_trial(params: dict, cfg: Config, out: str, reference_fingerprint: str, pairs: dict) -> None:
     """One Tune trial: the train stage's TorchTrainer with this trial's method (`params`: METHOD_KEYS), reporting to
     Tune.
@@ -53,12 +59,11 @@ def run_trial(params: dict, cfg: Config, out: str, reference_fingerprint: str, p
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    varying = varying_keys(sweep_methods(cfg))
-    params = trial_params(params)
-    cfg = cfg.copy_with({f"train.{key}": params[key] for key in METHOD_KEYS})
-    folder = trial_folder(params, tune.get_context().get_trial_id(), varying)
-    trial_out = storage.join(out, "trials", folder)
-    tracking = {"name": f"{cfg.run.name}/{folder}", "params": run_params(cfg, reference_fingerprint)}
+    trial_out = trial_dir(cfg, out, params, tune.get_context().get_trial_id())
+    method = trial_params(params)
+    cfg = cfg.copy_with({f"train.{key}": method[key] for key in METHOD_KEYS})
+    tracking = {"name": f"{cfg.run.name}/{trial_out.rsplit('/', 1)[-1]}",
+                "params": run_params(cfg, reference_fingerprint)}
     result = make_trainer(cfg, trial_out, "ray-train", pairs, tracking, callbacks=[TuneReportCallback()],
                           report_metric=cfg.tune.metric).fit()
     if result.error:
@@ -90,8 +95,7 @@ def release_stopped_trial_resources(cfg: Config, out: str):
 
         def _end_tracked_run(self, trial, status: str):
             if cfg.run.trackers:
-                folder = trial_folder(trial_params(trial.config), trial.trial_id, varying_keys(sweep_methods(cfg)))
-                end_killed_run(storage.join(out, "trials", folder), status)
+                end_killed_run(trial_dir(cfg, out, trial.config, trial.trial_id), status)
 
         def _release(self, trial):
             group_id = (trial.last_result or {}).get("placement_group")
@@ -149,13 +153,12 @@ def _latest_checkpoint(trial_out: str) -> str | None:
 def trial_table(results, cfg: Config, out: str) -> tuple[list[dict], dict[str, list[dict]]]:
     """One row per trial (its method and METHOD_KEYS, status, error, final and best metric, paths) and each
     trial's metric rows, by trial id."""
-    tc, max_steps, varying = cfg.tune, cfg.train.max_steps, varying_keys(sweep_methods(cfg))
+    tc, max_steps = cfg.tune, cfg.train.max_steps
     rows, curves = [], {}
     for result in results:
         params = trial_params(result.config)
         trial_id = result.metrics["trial_id"]  # Tune sets it even for a trial that failed before reporting
-        folder = trial_folder(params, trial_id, varying)
-        trial_out = storage.join(out, "trials", folder)
+        trial_out = trial_dir(cfg, out, result.config, trial_id)
         metrics = read_metrics(trial_out)
         curves[trial_id] = metrics
         final = metrics[-1] if metrics else {}

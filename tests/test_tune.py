@@ -14,7 +14,9 @@ from pipeline.cli import main
 def sweep_config(tmp_path_factory, tiny_model, ray_cluster):
     """The demo config with a 2 x 2 tune section; pairs and reference run once, before any sweep."""
     tmp = tmp_path_factory.mktemp("tune")
-    config = demo_config(tmp, tiny_model, name="sweep", max_steps=8, eval_every=4, checkpoint_every=0, log_every=4,
+    # Every step logged, so each trial's metrics.jsonl spans its steps: two trials that ran at once overlap even
+    # when ASHA stops one at its first rung.
+    config = demo_config(tmp, tiny_model, name="sweep", max_steps=8, eval_every=4, checkpoint_every=0, log_every=1,
                          warmup_steps=1)
     tune = {"beta": [0.1, 0.5], "dpop_lambda": [0.0, 50.0], "metric": "eval/loss", "mode": "min", "grace_period": 4,
             "max_concurrent_trials": 2}
