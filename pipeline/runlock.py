@@ -55,8 +55,11 @@ class RunLock:
 
         folder = self.uri.rsplit("/", 1)[0]
         # Created atomically where it lives (storage.create_exclusive): of two runs that start together, one
-        # creates the file and the other finds it.
-        while not storage.create_exclusive(self.uri, self._content()):
+        # creates the file and the other finds it. Read back as well: an S3-compatible store that ignores
+        # `If-None-Match` lets both writes succeed, and then only the last writer's name is in the file.
+        while True:
+            if storage.create_exclusive(self.uri, self._content()) and self._is_mine(storage.read_json(self.uri)):
+                break
             held = storage.read_json(self.uri)
             if held is None:
                 continue  # released between the two calls: try again

@@ -44,8 +44,8 @@ class Driver:
 
 
 def test_killed_driver_during_pairs_and_reference(tmp_path, tiny_model, ray_cluster, capsys):
-    # 800 pairs scored one sequence per forward: a reference pass of many seconds, written 40 pairs a file.
-    config = demo_config(tmp_path, tiny_model, n_pairs=800, max_steps=1, warmup_steps=0, eval_every=0,
+    # 480 pairs scored one sequence per forward: a reference pass of many seconds, written 40 pairs a file.
+    config = demo_config(tmp_path, tiny_model, n_pairs=480, max_steps=1, warmup_steps=0, eval_every=0,
                          checkpoint_every=0)
     overrides = ["--stages", "pairs,reference", "--set", "reference.backend=hf", "--set", "reference.batch_size=40",
                  "--set", "reference.micro_batch_size=1", "--set", "reference.rows_per_file=40"]

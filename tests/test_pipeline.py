@@ -334,13 +334,15 @@ def test_a_lost_train_worker_is_replaced_and_the_run_finishes(demo):
     import threading
     import time
 
+    import ray
     from ray.util.state import list_actors
 
     config, run_dir, data = demo
+    session = ray.get_runtime_context().gcs_address  # this cluster, whatever else runs on the machine
     uninterrupted = data["uninterrupted"]
     before = {s: read_manifest(run_dir, s)["finished_at"] for s in ("pairs", "reference", "train")}
     # Workers of earlier runs can still be listed as alive for a moment: kill one of this run's.
-    earlier = {a["actor_id"] for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")])}
+    earlier = {a["actor_id"] for a in list_actors(session, filters=[("class_name", "=", "RayTrainWorker")])}
     killed = []
 
     def kill_a_worker_after_the_first_checkpoint():
@@ -350,7 +352,7 @@ def test_a_lost_train_worker_is_replaced_and_the_run_finishes(demo):
             snapshots = list((run_dir / "train").glob("ray-*/checkpoint_manager_snapshot.json"))
             if snapshots and "step_000004" in snapshots[0].read_text() and \
                     not (run_dir / "train" / "_manifest.json").exists():
-                workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
+                workers = [a for a in list_actors(session, filters=[("class_name", "=", "RayTrainWorker"),
                                                            ("state", "=", "ALIVE")]) if a["actor_id"] not in earlier]
                 if workers:
                     os.kill(workers[-1]["pid"], 9)
