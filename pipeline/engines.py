@@ -103,14 +103,19 @@ class VLLMEngine:
         return [sum(output.prompt_logprobs[i][sequence[i]].logprob for i in range(len(prompt), len(sequence)))
                 for output, sequence, prompt in zip(outputs, sequences, prompts)]
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop: list[str]) -> list[str]:
-        """Greedy answers, cut before the first stop string (and at the end-of-sequence token)."""
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop: list[str], n: int = 1,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[list[str]]:
+        """`n` completions of each prompt, cut before the first stop string (and at the end-of-sequence token):
+        greedy at temperature 0, else sampled with the prompt's own seed (`prompt_seed`)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=stop)
+        greedy = temperature == 0  # vLLM takes n = 1 only: the n greedy answers are one answer n times
+        params = [SamplingParams(n=1 if greedy else n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                                 stop=stop, seed=prompt_seed(seed, p)) for p in prompts]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        return [cut_at_stop(output.outputs[0].text, stop) for output in outputs]
+        return [[cut_at_stop(sample.text, stop) for sample in output.outputs] * (n if greedy else 1)
+                for output in outputs]
 
 
 class HFEngine:
@@ -135,24 +140,50 @@ class HFEngine:
 
         return score_sequences(self.model, prompts, completions, self.pad_id, self.micro_batch_size, self.device)
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop: list[str]) -> list[str]:
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop: list[str], n: int = 1,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[list[str]]:
+        """As VLLMEngine.generate. Greedy answers are generated micro-batch by micro-batch; sampled ones prompt by
+        prompt (its `n` completions as one batch), after seeding torch with the prompt's own seed, so a prompt's
+        samples do not depend on its batch."""
         import torch
 
         answers = []
         with torch.inference_mode():
-            for start in range(0, len(prompts), self.micro_batch_size):
-                chunk = prompts[start:start + self.micro_batch_size]
-                width = max(map(len, chunk))
-                # Left padding: every prompt ends where generation starts.
-                input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in chunk], device=self.device)
-                attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk],
-                                              device=self.device)
-                generated = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                                max_new_tokens=max_new_tokens, do_sample=False,
-                                                pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id)
-                for row in generated[:, width:].tolist():
-                    answers.append(cut_at_stop(self.tokenizer.decode(row, skip_special_tokens=True), stop))
+            if temperature == 0:
+                for start in range(0, len(prompts), self.micro_batch_size):
+                    for row in self._generate(prompts[start:start + self.micro_batch_size], max_new_tokens,
+                                              do_sample=False):
+                        answers.append([cut_at_stop(row, stop)] * n)
+                return answers
+            for prompt in prompts:
+                torch.manual_seed(prompt_seed(seed, prompt))
+                rows = self._generate([prompt], max_new_tokens, do_sample=True, temperature=temperature,
+                                      top_p=top_p, top_k=0, num_return_sequences=n)
+                answers.append([cut_at_stop(row, stop) for row in rows])
         return answers
+
+    def _generate(self, prompts: list[list[int]], max_new_tokens: int, **options) -> list[str]:
+        import torch
+
+        width = max(map(len, prompts))
+        # Left padding: every prompt ends where generation starts.
+        input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        generated = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                        max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
+                                        eos_token_id=self.tokenizer.eos_token_id, **options)
+        # A character cut by max_new_tokens decodes to U+FFFD here; vLLM's detokenizer leaves it out, and so do we.
+        return [self.tokenizer.decode(row, skip_special_tokens=True).rstrip("\ufffd")
+                for row in generated[:, width:].tolist()]
+
+
+def prompt_seed(seed: int, prompt: list[int]) -> int:
+    """A prompt's own sampling seed, from the run's seed and the prompt's tokens: its samples are the same whatever
+    its batch, actor or place in the data."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}:{','.join(map(str, prompt))}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:
