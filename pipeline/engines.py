@@ -3,6 +3,7 @@ policy and the reference are scored alike.
 
 - `VLLMEngine`: a `vllm.LLM` that scores prompt+completion token ids through prompt log-probs, and answers greedily.
 - `HFEngine`: a transformers model doing the same through pipeline.logprobs.
+- `RewardEngine`: a transformers reward model (sequence classification, one output) scoring completions.
 `engine_actor` gives `map_batches` the arguments of a pool whose actors (`EngineActor`) each hold one engine.
 """
 
@@ -177,6 +178,46 @@ class HFEngine:
                 for row in generated[:, width:].tolist()]
 
 
+class RewardEngine:
+    """A transformers sequence-classification model with one output: the reward of each prompt + completion, read
+    at its last token (the labeller of online rounds)."""
+
+    def __init__(self, model: str, dtype: str, use_gpu: bool, micro_batch_size: int, trust_remote_code: bool):
+        import torch
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        with storage.local_copy(model) as folder:
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+            if config.num_labels != 1:
+                raise ConfigError(f"online.reward_model: {model} has {config.num_labels} output labels "
+                                  f"({', '.join(map(str, config.id2label.values()))}); a reward model has one, "
+                                  f"a score")
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                folder, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+            ).to(self.device).eval()
+        # Left padding: every sequence's last token is the batch's last position, where the model reads the score
+        # (transformers finds the last token that is not pad_token_id).
+        self.pad_id = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+        self.micro_batch_size = micro_batch_size
+
+    def rewards(self, prompts: list[list[int]], completions: list[list[int]]) -> list[float]:
+        import torch
+
+        sequences = [p + c for p, c in zip(prompts, completions)]
+        rewards = []
+        with torch.inference_mode():
+            for start in range(0, len(sequences), self.micro_batch_size):
+                chunk = sequences[start:start + self.micro_batch_size]
+                width = max(map(len, chunk))
+                input_ids = torch.tensor([[self.pad_id] * (width - len(s)) + s for s in chunk], device=self.device)
+                attention_mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in chunk],
+                                              device=self.device)
+                logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+                rewards += logits[:, 0].float().tolist()
+        return rewards
+
+
 def prompt_seed(seed: int, prompt: list[int]) -> int:
     """A prompt's own sampling seed, from the run's seed and the prompt's tokens: its samples are the same whatever
     its batch, actor or place in the data."""
@@ -192,7 +233,7 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
     return text[:min(cuts)] if cuts else text
 
 
-ENGINES = {"vllm": VLLMEngine, "hf": HFEngine}
+ENGINES = {"vllm": VLLMEngine, "hf": HFEngine, "reward": RewardEngine}
 
 
 class EngineActor:
