@@ -10,6 +10,7 @@ import hashlib
 import time
 from collections import Counter
 
+from pipeline import storage
 from pipeline.answers import normalize_number, strict_answer
 from pipeline.config import Config, source_name
 from pipeline.engines import EngineActor, engine_actor
@@ -95,8 +96,8 @@ def generate_samples(cfg: Config, stage) -> dict:
     ray.data.from_items(problems).map_batches(ProblemSampler, batch_size=cfg.reference.batch_size, **actor) \
         .write_parquet(stage.out)
     seconds = time.time() - started
-    written = ray.data.read_parquet(stage.out, columns=["completions"]).take_all()
-    tokens = sum(len(ids) for row in written for ids in tokenizer(list(row["completions"]))["input_ids"])
+    written = storage.read_parquet(stage.out, ["completions"]).column(0).to_pylist()
+    tokens = sum(len(ids) for completions in written for ids in tokenizer(completions)["input_ids"])
     print(f"[dpop] generate: {tokens:,} tokens in {seconds:.0f} s ({tokens / seconds:,.0f} tokens/s)", flush=True)
     return {"rows": len(written), "rows_in": len(problems) + dropped.total(), "dropped": dict(dropped),
             "drop_examples": examples, "sampling": {**sampling, "backend": backend, "model": cfg.model.name_or_path},
