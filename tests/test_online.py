@@ -54,3 +54,63 @@ def test_generate_samples_k_completions_per_problem_seeded_and_counts_the_rest(t
                              StageContext(out=str(tmp_path / "other"), inputs={}, fingerprint=""))
     assert other["rows"] == 3
     assert sorted(pq.read_table(tmp_path / "other").to_pylist(), key=lambda row: row["prompt_id"]) != first
+
+
+def generated(tmp_path, problems: list[dict]) -> str:
+    """A generate stage's output: one row a problem with its completions."""
+    import pyarrow as pa
+
+    from pipeline import storage
+
+    folder = tmp_path / "generate"
+    rows = [{"prompt_id": f"p{i}", "source": "problems", "question": f"q{i}", "prompt": f"Question: q{i}\nAnswer:",
+             "prompt_ids": [5, 6, 7], **problem} for i, problem in enumerate(problems)]
+    storage.write_parquet(pa.Table.from_pylist(rows), str(folder / "part.parquet"))
+    return str(folder)
+
+
+def test_verified_samples_become_pairs_and_every_problem_without_one_is_counted(tmp_path, tiny_model):
+    from pipeline.runner import StageContext
+    from pipeline.sampled_pairs import pair_samples
+
+    cfg = online_config(tmp_path, tiny_model, pairs_per_prompt=2)
+    cfg.data.eval_fraction = 0.0
+    inputs = {"generate": generated(tmp_path, [
+        {"gold": "5", "completions": [" 2 + 3 = 6\n#### 6", " 2 + 3 = 5\n#### 5", " five", " 3 + 2 = 5\n#### 5"]},
+        {"gold": "8", "completions": [" #### 8", " 4 + 4 = 8\n#### 8", " #### 8", " so 8"]},
+        {"gold": "9", "completions": [" #### 1", " #### 2", " #### 3", " #### 4"]},
+        {"gold": "2", "completions": [" #### 2", " two", " to", " #### 3"]},
+    ])}
+    manifest = pair_samples(cfg, StageContext(out=str(tmp_path / "pairs"), inputs=inputs, fingerprint=""))
+    pairs = pq.read_table(tmp_path / "pairs").to_pylist()
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [
+        (" 2 + 3 = 5\n#### 5<|im_end|>", " 2 + 3 = 6\n#### 6<|im_end|>"),
+        (" #### 2<|im_end|>", " #### 3<|im_end|>")]  # each completion ended by the tokenizer's EOS
+    assert manifest["rows"] == 2 and manifest["problems_in"] == 4 and manifest["problems_paired"] == 2
+    assert manifest["usable_share"] == 0.5
+    assert manifest["dropped"] == {"all_correct": 1, "all_wrong": 1}
+    assert manifest["completions_unscored"] == {"no_final_answer": 4}
+    assert all(p["chosen_ids"][-1] == p["rejected_ids"][-1] for p in pairs) and all(p["split"] == "train"
+                                                                                     for p in pairs)
+
+
+def test_reward_model_labels_pair_the_highest_against_the_lowest_reward(tmp_path, tiny_model, ray_cluster):
+    from pipeline.engines import RewardEngine
+    from pipeline.pairs import load_tokenizer
+    from pipeline.runner import StageContext
+    from pipeline.sampled_pairs import pair_samples
+    from test_labels import tiny_reward_model
+
+    reward_model = tiny_reward_model(tmp_path / "rm", tiny_model)
+    cfg = online_config(tmp_path, tiny_model, labeller="reward_model", reward_model=reward_model)
+    completions = [" one", " two plus", " three is 3", " four"]
+    inputs = {"generate": generated(tmp_path, [{"gold": "1", "completions": completions}])}
+    manifest = pair_samples(cfg, StageContext(out=str(tmp_path / "pairs"), inputs=inputs, fingerprint=""))
+    tokenizer = load_tokenizer(tiny_model, False)
+    rewards = RewardEngine(reward_model, "float32", False, 1, False).rewards(
+        [[5, 6, 7]] * 4, [tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                          for c in completions])
+    (pair,) = pq.read_table(tmp_path / "pairs").to_pylist()
+    best, worst = max(range(4), key=rewards.__getitem__), min(range(4), key=rewards.__getitem__)
+    assert (pair["chosen"], pair["rejected"]) == (completions[best] + "<|im_end|>", completions[worst] + "<|im_end|>")
+    assert manifest["labeller"] == "reward_model" and manifest["completions_unscored"] == {}
