@@ -114,3 +114,54 @@ def test_reward_model_labels_pair_the_highest_against_the_lowest_reward(tmp_path
     best, worst = max(range(4), key=rewards.__getitem__), min(range(4), key=rewards.__getitem__)
     assert (pair["chosen"], pair["rejected"]) == (completions[best] + "<|im_end|>", completions[worst] + "<|im_end|>")
     assert manifest["labeller"] == "reward_model" and manifest["completions_unscored"] == {}
+
+
+def test_rounds_chain_their_stages_and_a_change_makes_exactly_what_follows_stale(tmp_path_factory, ray_cluster,
+                                                                                   capsys):
+    """Two rounds from the demo's math model: each round's stages are done, round 2 starts from round 1's policy;
+    a new temperature makes round 1's generation stale and everything after it; rerunning round 1's train alone
+    leaves its generation as it was."""
+    from pipeline.cli import main
+    from pipeline.demo import build_math_model, write_problem_data
+
+    tmp = tmp_path_factory.mktemp("rounds")
+    data = write_problem_data(str(tmp / "data"), n_train=24, n_eval=10)
+    model = build_math_model(str(tmp / "math_model"))
+    config = write_config(tmp / "rounds.yaml", {
+        "run": {"name": "rounds", "storage": str(tmp / "runs")},
+        "model": {"name_or_path": model},
+        "data": {"sources": [{"path": data["problems"], "format": "math_corruption"}], "max_prompt_length": 64,
+                 "max_length": 160, "eval_fraction": 0.0},
+        "reference": {"backend": "hf", "dtype": "float32", "use_gpu": False},
+        "train": {"batch_size": 4, "micro_batch_size": 2, "max_steps": 2, "num_workers": 1, "use_gpu": False,
+                  "eval_every": 0, "checkpoint_every": 0, "warmup_steps": 0, "learning_rate": 1e-4},
+        "eval": {"pairs": False, "backend": "hf", "max_length": 256,
+                 "sources": [{"path": data["problems_test"], "task": "gsm8k", "num_fewshot": 0,
+                              "max_new_tokens": 48}]},
+        "online": {"rounds": 2, "prompts": [{"path": data["problems"]}], "samples_per_prompt": 4,
+                   "max_new_tokens": 48, "temperature": 1.0},
+    })
+
+    def states(*overrides) -> dict:
+        capsys.readouterr()
+        assert main(["status", config, *overrides]) == 0
+        return {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]
+                if line.split()[0].startswith("round")}
+
+    assert main(["run", config]) == 0
+    assert set(states().values()) == {"done"} and len(states()) == 10
+    run = tmp / "runs" / "rounds"
+    manifest = lambda stage: json.loads((run / stage / "_manifest.json").read_text())
+    assert manifest("round2/generate")["model_path"] == manifest("round1/train")["model"]
+    assert manifest("round2/reference")["model_path"] == manifest("round1/train")["model"]  # reference: previous
+    assert manifest("round1/pairs")["rows"] > 0
+    assert manifest("round1/generate")["sampling"]["temperature"] == 1.0
+
+    stale = states("--set", "online.temperature=0.7")
+    assert set(stale.values()) == {"stale"}, stale
+    generated_at = manifest("round1/generate")["finished_at"]
+    assert main(["run", config, "--stages", "round1/train", "--force", "round1/train"]) == 0
+    assert manifest("round1/generate")["finished_at"] == generated_at
+    after = states()
+    assert after["round1/generate"] == after["round1/pairs"] == after["round1/train"] == "done"
+    assert after["round1/eval"] == "stale" and after["round2/generate"] == "stale"  # built on the old round-1 policy
