@@ -21,8 +21,7 @@ from pydantic.fields import FieldInfo
 
 from pipeline.storage import is_remote
 from pipeline.vocab import (BELOW_REFERENCE_NATS_PER_TOKEN, BELOW_REFERENCE_NATS_PER_TOKEN_BF16, METHOD_KEYS,
-                            REPORTED_METRICS, TASK_METRICS,
-                            ConfigError)
+                            REPORTED_METRICS, TASK_METRICS, ConfigError, method_name, varying_keys)
 
 
 class Section(BaseModel):
@@ -197,7 +196,8 @@ class EarlyStoppingSection(Section):
 
 
 class MethodSection(Section):
-    """One method of tune.methods: the train keys it sets (each optional; the rest come from the sweep's grid)."""
+    """One method of tune.methods or online.methods: the train keys it sets (each optional; the rest come from the
+    sweep's grid, or from train for online.methods)."""
     loss_type: Literal["sigmoid", "robust", "ipo", "hinge"] | None = None
     dpop_lambda: Float | None = Field(None, ge=0)
     beta: Float | None = Field(None, gt=0)
@@ -470,6 +470,12 @@ class OnlineSection(Section):
     pairs_per_prompt: int = Field(1, gt=0)
     """Pairs made from one problem's samples: best against worst, then second best against second worst, each
     completion in one pair, each pair strictly better against worse."""
+    methods: list[MethodSection] | None = None
+    """Methods that each run every round from the same start, e.g. [{dpop_lambda: 0}, {dpop_lambda: 0, nll_weight:
+    1}, {dpop_lambda: 50}] for DPO, DPO + NLL (Pang et al.'s loss) and DPOP; each sets train keys, the rest come from
+    train. Round 1's samples, pairs and reference pass are shared: they depend only on the start. Each method's
+    stages are `{method}/round{r}/...` (its name in lower case: dpo, dpo_nll, dpop). Unset: one loop, with train's
+    method, in `round{r}/...`."""
     reference: Literal["initial", "previous"] = "previous"
     """The reference of each round's DPO term. `previous` (Pang et al.'s choice): the last round's policy, so each
     round's KL anchor moves with the policy and the reference pass scores the pairs with the model that sampled
@@ -645,6 +651,21 @@ def _check_consistency(cfg: Config) -> Config:
     if t.warmup_steps >= t.max_steps:
         raise ConfigError(f"train.warmup_steps: {t.warmup_steps} must be below train.max_steps {t.max_steps}")
     return cfg
+
+
+def online_methods(cfg: Config) -> list[tuple[str, dict]]:
+    """(folder, train keys) of each online method: its name in lower case (dpo_nll), with the keys the methods
+    differ in where two share a name; [("", {})] without online.methods."""
+    if not cfg.online.methods:
+        return [("", {})]
+    methods = [m.model_dump(exclude_none=True) for m in cfg.online.methods]
+    params = [{key: method.get(key, getattr(cfg.train, key)) for key in METHOD_KEYS} for method in methods]
+    names = [method_name(p).lower().replace(" + ", "_").replace(" ", "_") for p in params]
+    varying = varying_keys(params)
+    folders = [name + "".join(f"-{key}_{p[key]:g}" for key in varying if isinstance(p[key], float))
+               if names.count(name) > 1 else name for name, p in zip(names, params)]
+    return [(folder, {f"train.{key}": value for key, value in method.items()})
+            for folder, method in zip(folders, methods)]
 
 
 def _check_online(online: OnlineSection) -> None:

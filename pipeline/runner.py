@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from pipeline import storage
-from pipeline.config import Config, fingerprint_view
+from pipeline.config import Config, fingerprint_view, online_methods
 from pipeline.fingerprint import (ModelNotFound, digest, hub_revisions, model_identity, pin_models,
                                   source_identity)
 from pipeline.runlock import RunLock
@@ -51,6 +51,9 @@ class StageSpec:
     kind: str = ""
     """What the stage is (a vocab.Stage, or `generate`): the key under which a downstream stage finds its folder
     and manifest. Unset: its name. A round's stages (`round2/train`) are the kinds they repeat."""
+    changes: tuple[tuple[str, object], ...] = ()
+    """Config changes by dotted key for this stage alone (an online method's train keys): in its fingerprint, its
+    manifest and the config its entry function gets."""
     model_from: str | None = None
     """An upstream train stage whose saved policy is this stage's `model.name_or_path`: an online round starts
     from the last round's policy."""
@@ -99,39 +102,58 @@ assert tuple(s.name for s in STAGES) == STAGE_NAMES, "one spec per stage, in run
 
 
 def round_specs(cfg: Config) -> tuple[StageSpec, ...]:
-    """Each online round's stages, `round{r}/{kind}`: generate from the round's starting policy (the model, then
-    the last round's train output), pair the samples, score the pairs with the round's reference (the model, or
-    the last round's policy: online.reference), train from the starting policy, and evaluate when `eval` is
-    configured. Each round's stages hang off the last round's train stage, so a changed setting makes exactly what
-    depends on it stale."""
+    """Each online round's stages, `[{method}/]round{r}/{kind}`: generate from the round's starting policy (the
+    model, then the last round's train output), pair the samples, score the pairs with the round's reference (the
+    model, or the last round's policy: online.reference), train from the starting policy, and evaluate when `eval`
+    is configured. Round 1's generate, pairs and reference depend only on the start, so every method shares them.
+    Each round's stages hang off the last round's train stage, so a changed setting makes exactly what depends on
+    it stale."""
     if cfg.online is None:
         return ()
-    specs = []
-    for r in range(1, cfg.online.rounds + 1):
-        this, last = f"round{r}", (f"round{r - 1}/{Stage.TRAIN}" if r > 1 else None)
-        start = (last,) if last else ()
-        reference_from = last if cfg.online.reference == "previous" else None
-        # The first round reads the model's files; later rounds read the last round's policy, its fingerprint
-        # in their upstream part.
-        model_content = () if last else ("model",)
-        specs += [
-            StageSpec(f"{this}/generate", start, ("model", "data", "reference", "online"), model_content,
-                      "pipeline.generate:generate_samples", kind="generate", model_from=last),
-            StageSpec(f"{this}/{Stage.PAIRS}", (f"{this}/generate",), ("model", "data", "online"), ("tokenizer",),
-                      "pipeline.sampled_pairs:pair_samples", kind=Stage.PAIRS),
-            StageSpec(f"{this}/{Stage.REFERENCE}", (f"{this}/{Stage.PAIRS}", *((last,) if reference_from else ())),
-                      ("model", "reference"), () if reference_from else ("model",),
-                      "pipeline.reference:compute_reference", resumable=True, kind=Stage.REFERENCE,
-                      model_from=reference_from),
-            StageSpec(f"{this}/{Stage.TRAIN}", (f"{this}/{Stage.REFERENCE}", *start), ("model", "train"),
-                      (*model_content, "seed"), "pipeline.train.stage:train_policy", resumable=True,
-                      kind=Stage.TRAIN, model_from=last),
-        ]
-        if cfg.eval is not None:
-            specs.append(StageSpec(f"{this}/{Stage.EVAL}", (f"{this}/{Stage.REFERENCE}", f"{this}/{Stage.TRAIN}"),
-                                   ("model", "data", "reference", "eval"), ("model", "eval_sources"),
-                                   "pipeline.evaluate.stage:evaluate_policies", kind=Stage.EVAL))
+    shared = "round1"
+    specs = [
+        StageSpec(f"{shared}/generate", (), ("model", "data", "reference", "online"), ("model",),
+                  "pipeline.generate:generate_samples", kind="generate"),
+        StageSpec(f"{shared}/{Stage.PAIRS}", (f"{shared}/generate",), ("model", "data", "online"), ("tokenizer",),
+                  "pipeline.sampled_pairs:pair_samples", kind=Stage.PAIRS),
+        StageSpec(f"{shared}/{Stage.REFERENCE}", (f"{shared}/{Stage.PAIRS}",), ("model", "reference"), ("model",),
+                  "pipeline.reference:compute_reference", resumable=True, kind=Stage.REFERENCE),
+    ]
+    for method, changes in online_methods(cfg):
+        changes = tuple(changes.items())
+        for r in range(1, cfg.online.rounds + 1):
+            this = f"{method}/round{r}" if method else f"round{r}"
+            last = (f"{method}/round{r - 1}/{Stage.TRAIN}" if method else f"round{r - 1}/{Stage.TRAIN}") \
+                if r > 1 else None
+            reference = f"{this}/{Stage.REFERENCE}" if r > 1 else f"{shared}/{Stage.REFERENCE}"
+            if r > 1:
+                # Later rounds read the last round's policy: its fingerprint is in their upstream part.
+                reference_from = last if cfg.online.reference == "previous" else None
+                specs += [
+                    StageSpec(f"{this}/generate", (last,), ("model", "data", "reference", "online"), (),
+                              "pipeline.generate:generate_samples", kind="generate", changes=changes,
+                              model_from=last),
+                    StageSpec(f"{this}/{Stage.PAIRS}", (f"{this}/generate",), ("model", "data", "online"),
+                              ("tokenizer",), "pipeline.sampled_pairs:pair_samples", kind=Stage.PAIRS,
+                              changes=changes),
+                    StageSpec(reference, (f"{this}/{Stage.PAIRS}", *((last,) if reference_from else ())),
+                              ("model", "reference"), () if reference_from else ("model",),
+                              "pipeline.reference:compute_reference", resumable=True, kind=Stage.REFERENCE,
+                              changes=changes, model_from=reference_from),
+                ]
+            specs.append(StageSpec(f"{this}/{Stage.TRAIN}", (reference, *((last,) if last else ())), ("model", "train"),
+                                   ("seed",) if last else ("model", "seed"), "pipeline.train.stage:train_policy",
+                                   resumable=True, kind=Stage.TRAIN, changes=changes, model_from=last))
+            if cfg.eval is not None:
+                specs.append(StageSpec(f"{this}/{Stage.EVAL}", (reference, f"{this}/{Stage.TRAIN}"),
+                                       ("model", "data", "reference", "eval"), ("model", "eval_sources"),
+                                       "pipeline.evaluate.stage:evaluate_policies", kind=Stage.EVAL, changes=changes))
     return tuple(specs)
+
+
+def spec_config(cfg: Config, stage: StageSpec) -> Config:
+    """The config `stage` runs with: `cfg` with the stage's own changes (an online method's train keys)."""
+    return cfg.copy_with(dict(stage.changes)) if stage.changes else cfg
 
 
 def stage_specs(cfg: Config) -> tuple[StageSpec, ...]:
@@ -202,7 +224,7 @@ def fingerprint_parts(cfg: Config) -> dict[str, dict[str, str]]:
             continue  # an unconfigured stage (tune) has nothing to fingerprint
         needs = upstreams(stage, cfg)
         parts[stage.name] = {
-            "config": digest(stage_config(cfg, stage)),
+            "config": digest(stage_config(spec_config(cfg, stage), stage)),
             **{key: read(key) for key in stage.reads},
             "upstream": digest({name: parts[name] for name in needs}) if needs else "",
         }
@@ -246,7 +268,7 @@ def stage_states(cfg: Config, expected: dict | None = None) -> list[dict]:
             state, why = "failed", manifest.get("error")
         else:
             needs = upstreams(stage, cfg)
-            why = _why_stale(manifest, expected[stage.name], stage_config(cfg, stage),
+            why = _why_stale(manifest, expected[stage.name], stage_config(spec_config(cfg, stage), stage),
                              {name: manifests[name] for name in needs})
             stale_upstream = [name for name in needs if states.get(name) == "stale"]
             if not why and stale_upstream:
@@ -448,9 +470,9 @@ def _run_steps(cfg: Config, steps: list[tuple[StageSpec, str]], expected_parts: 
             fingerprint=fingerprint,
             resuming=resuming,
         )
-        stage_cfg = pinned
+        stage_cfg = spec_config(pinned, stage)
         if stage.model_from:  # the last round's policy, saved by its train stage
-            stage_cfg = pinned.copy_with({"model.name_or_path": upstream_manifests[stage.model_from]["model"]})
+            stage_cfg = stage_cfg.copy_with({"model.name_or_path": upstream_manifests[stage.model_from]["model"]})
         started = time.time()
         try:
             fields, error = entry(stage_cfg, context), None
@@ -464,7 +486,7 @@ def _run_steps(cfg: Config, steps: list[tuple[StageSpec, str]], expected_parts: 
             "fingerprint": fingerprint,
             "fingerprint_parts": expected_parts[stage.name],
             "inputs": inputs,
-            "config": stage_config(cfg, stage),
+            "config": stage_config(spec_config(cfg, stage), stage),
             "hub_revisions": hub_revisions(cfg, stage.reads),
             **({"model_path": stage_cfg.model.name_or_path} if "model" in stage.reads or stage.model_from else {}),
             "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),

@@ -118,14 +118,15 @@ def test_reward_model_labels_pair_the_highest_against_the_lowest_reward(tmp_path
 
 def test_rounds_chain_their_stages_and_a_change_makes_exactly_what_follows_stale(tmp_path_factory, ray_cluster,
                                                                                    capsys):
-    """Two rounds from the demo's math model: each round's stages are done, round 2 starts from round 1's policy;
-    a new temperature makes round 1's generation stale and everything after it; rerunning round 1's train alone
+    """DPO and DPOP, two rounds each from the demo's math model: round 1's samples, pairs and reference pass are
+    shared, each method's round 2 starts from its own round-1 policy, and the report has a row per method and round.
+    A new temperature makes round 1's generation stale and everything after it; rerunning one round's train alone
     leaves its generation as it was."""
     from pipeline.cli import main
     from pipeline.demo import build_math_model, write_problem_data
 
     tmp = tmp_path_factory.mktemp("rounds")
-    data = write_problem_data(str(tmp / "data"), n_train=24, n_eval=10)
+    data = write_problem_data(str(tmp / "data"), n_train=16, n_eval=6)
     model = build_math_model(str(tmp / "math_model"))
     config = write_config(tmp / "rounds.yaml", {
         "run": {"name": "rounds", "storage": str(tmp / "runs")},
@@ -139,29 +140,36 @@ def test_rounds_chain_their_stages_and_a_change_makes_exactly_what_follows_stale
                  "sources": [{"path": data["problems_test"], "task": "gsm8k", "num_fewshot": 0,
                               "max_new_tokens": 48}]},
         "online": {"rounds": 2, "prompts": [{"path": data["problems"]}], "samples_per_prompt": 4,
-                   "max_new_tokens": 48, "temperature": 1.0},
+                   "max_new_tokens": 48, "temperature": 1.0, "methods": [{"dpop_lambda": 0}, {"dpop_lambda": 50}]},
     })
 
     def states(*overrides) -> dict:
         capsys.readouterr()
         assert main(["status", config, *overrides]) == 0
         return {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]
-                if line.split()[0].startswith("round")}
+                if "round" in line.split()[0]}
 
     assert main(["run", config]) == 0
-    assert set(states().values()) == {"done"} and len(states()) == 10
+    done = states()
+    assert set(done.values()) == {"done"} and len(done) == 3 + 2 * 7, done  # shared, then 2 methods x 7 stages
     run = tmp / "runs" / "rounds"
     manifest = lambda stage: json.loads((run / stage / "_manifest.json").read_text())
-    assert manifest("round2/generate")["model_path"] == manifest("round1/train")["model"]
-    assert manifest("round2/reference")["model_path"] == manifest("round1/train")["model"]  # reference: previous
-    assert manifest("round1/pairs")["rows"] > 0
-    assert manifest("round1/generate")["sampling"]["temperature"] == 1.0
+    for method, dpop_lambda in (("dpo", 0.0), ("dpop", 50.0)):
+        assert manifest(f"{method}/round1/train")["inputs"].keys() == {"round1/reference"}
+        assert manifest(f"{method}/round1/train")["config"]["train"]["dpop_lambda"] == dpop_lambda
+        assert manifest(f"{method}/round2/generate")["model_path"] == manifest(f"{method}/round1/train")["model"]
+        # online.reference: previous, so round 2's reference is the method's round-1 policy
+        assert manifest(f"{method}/round2/reference")["model_path"] == manifest(f"{method}/round1/train")["model"]
+    assert manifest("round1/generate")["sampling"]["temperature"] == 1.0 and manifest("round1/pairs")["rows"] > 0
+    report = (run / "report.md").read_text()
+    assert "## Online rounds" in report and (run / "report" / "online_rounds.png").exists()
+    assert report.count("| DPO (λ 0) |") == 2 and report.count("| DPOP (λ 50) |") == 2  # a row per round
 
     stale = states("--set", "online.temperature=0.7")
     assert set(stale.values()) == {"stale"}, stale
     generated_at = manifest("round1/generate")["finished_at"]
-    assert main(["run", config, "--stages", "round1/train", "--force", "round1/train"]) == 0
+    assert main(["run", config, "--stages", "dpop/round1/train", "--force", "dpop/round1/train"]) == 0
     assert manifest("round1/generate")["finished_at"] == generated_at
     after = states()
-    assert after["round1/generate"] == after["round1/pairs"] == after["round1/train"] == "done"
-    assert after["round1/eval"] == "stale" and after["round2/generate"] == "stale"  # built on the old round-1 policy
+    assert after["round1/generate"] == after["dpop/round1/train"] == after["dpo/round2/train"] == "done"
+    assert after["dpop/round1/eval"] == after["dpop/round2/generate"] == "stale"  # built on the old policy
