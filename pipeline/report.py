@@ -198,6 +198,12 @@ def write_report(cfg: Config) -> str:
         return report.save()
 
 
+def starting_exact_match(rows: list[dict]) -> str:
+    """The starting model's exact match on each benchmark, from the online section's round-0 rows."""
+    return ", ".join(sorted({f"{r['task']} exact match {r['exact_match']:.4g}" for r in rows if r["round"] == 0})) \
+        or "not evaluated"
+
+
 def _online_section(report: Report, cfg: Config, states: dict[str, dict]) -> None:
     """Per method and round: exact match on each benchmark, the share of problems that gave a pair, pairs kept,
     generation throughput, and log p(chosen) against the round's reference over the rounds' training."""
@@ -236,9 +242,11 @@ def _online_section(report: Report, cfg: Config, states: dict[str, dict]) -> Non
                           "chosen": curves[name][-1][1] if metrics else None})
     tasks = sorted({x["task"] for x in rows})
     labels = {m["name"]: method_label(m["params"], varying_keys([x["params"] for x in methods])) for m in methods}
-    report.add(_table(["method", "round", *(f"{task} exact match" for task in tasks), "problems with a pair",
-                       "pairs kept", "generated tokens/s", "last step: log p(chosen) − reference"],
-                      [[labels[t["method"]], t["round"], *(t["exact"].get(task) for task in tasks), t["usable"],
-                        t["pairs"], t["tokens_per_second"], t["chosen"]] for t in table]))
+    text = _table(["method", "round", *(f"{task} exact match" for task in tasks), "problems with a pair",
+                   "pairs kept", "generated tokens/s", "last step: log p(chosen) − reference"],
+                  [[labels[t["method"]], t["round"], *(t["exact"].get(task) for task in tasks), t["usable"],
+                    t["pairs"], t["tokens_per_second"], t["chosen"]] for t in table])
+    report.add(text)
+    print(f"[dpop] online rounds (round 0 is the start: {starting_exact_match(rows)}):\n{text}", flush=True)
     if rows or any(curves.values()):
         plots.online_rounds(rows, curves, methods, report.figure("online_rounds.png", "online rounds per method"))

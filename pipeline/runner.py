@@ -261,6 +261,8 @@ def stage_states(cfg: Config, expected: dict | None = None) -> list[dict]:
         why = None
         if stage.name not in expected:
             state = "off"  # its config section is absent (tune)
+        elif manifest is None and cfg.online is not None and stage in STAGES:
+            state = "off"  # an online run runs its rounds; an offline stage runs only when named
         elif manifest is None:
             failed = storage.read_json(storage.join(uri, FAILED))
             state, why = ("failed", f"{failed['error']} (traceback: {failed['log']})") if failed else ("missing", None)
