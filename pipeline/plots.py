@@ -138,30 +138,33 @@ def sweep_heatmap(rows: list[dict], metric: str, mode: str, uri: str) -> None:
 
 
 def logps_chosen_curves(models: list[dict], curves: dict[str, list[dict]], methods: list, uri: str) -> None:
-    """log p(chosen) over steps for every trained model (dicts with name and params; {name: its metrics.jsonl
-    rows}), each labelled and coloured by its method as in every other figure (`methods`: run_methods): on each
-    step's training pairs, and where the runs evaluated, on the held-out pairs, the same for every method and step,
-    so that panel shows the trend without the batches' noise."""
+    """log p(chosen) against the reference's over steps for every trained model (dicts with name and params; {name:
+    its metrics.jsonl rows}), each labelled and coloured by its method as in every other figure (`methods`:
+    run_methods): on each step's training pairs, and where the runs evaluated, on the held-out pairs, the same for
+    every method and step. The change is `rewards/chosen` / β, log πθ(y_w|x) − log π_ref(y_w|x) in nats: each
+    batch's own pairs set the absolute log-prob (longer completions, lower sums), not the training, and DPO's
+    failure mode is this change going below zero."""
     styles = method_styles(models, methods)
-    panels = [("logps/chosen", "training pairs (each step's batch)")]
-    if any("eval/logps/chosen" in m for metrics in curves.values() for m in metrics):
-        panels.append(("eval/logps/chosen", "held-out pairs"))
+    beta = {m["name"]: m["params"]["beta"] for m in models}
+    panels = [("rewards/chosen", "training pairs (each step's batch)")]
+    if any("eval/rewards/chosen" in m for metrics in curves.values() for m in metrics):
+        panels.append(("eval/rewards/chosen", "held-out pairs"))
     with figure(uri, 1, len(panels), figsize=(9 * len(panels) - 2 * (len(panels) - 1), 5), squeeze=False) \
             as (fig, axes):
         for ax, (key, title) in zip(axes[0], panels):
+            ax.axhline(0.0, color="gray", linewidth=1, linestyle="--", label="reference")
             for name, metrics in sorted(curves.items(), key=lambda item: styles[item[0]].order):
-                points = [(m["step"], m[key]) for m in metrics if key in m]
+                points = [(m["step"], m[key] / beta[name]) for m in metrics if key in m]
                 if points:
                     ax.plot(*zip(*points), label=styles[name].label, color=styles[name].color,
                             marker="o" if key.startswith("eval/") else None, markersize=3)
             ax.set_xlabel("step")
             ax.xaxis.set_major_locator(integer_ticks())
-            ax.set_ylabel("log p(chosen), summed over completion tokens")
+            ax.set_ylabel("log p(chosen) − reference's (nats, summed over tokens)")
             ax.set_title(title, fontsize=10)
             ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8)
-        fig.suptitle("Chosen log-likelihood per method: DPO's failure mode is this falling")
+            ax.legend(fontsize=8)
+        fig.suptitle("Chosen log-likelihood against the reference: DPO's failure mode is this falling below 0")
 
 
 def eval_results(rows: list[dict], models: list, methods: list, uri: str) -> None:

@@ -134,7 +134,7 @@ def _tune_section(report: Report, manifest: dict, tune_uri: str) -> None:
         report.add(f"Best by {best['metric']}: {method_label(best, varying)} ({best['value']:.4g}).\n")
     report.copy_figure(storage.join(tune_uri, "heatmap.png"), "tune_heatmap.png", "sweep heatmap")
     report.copy_figure(storage.join(tune_uri, "logps_chosen.png"), "tune_logps_chosen.png",
-                       "log p(chosen) per trial")
+                       "log p(chosen) against the reference, per trial")
 
 
 def _eval_section(report: Report, manifest: dict, eval_uri: str, methods: list) -> None:
@@ -164,7 +164,7 @@ def _eval_section(report: Report, manifest: dict, eval_uri: str, methods: list) 
         curves = {m["name"]: read_metrics(m["path"].rstrip("/").rsplit("/", 1)[0]) for m in trained}
         if any(curves.values()):  # (a policy whose folder a later run replaced has none)
             plots.logps_chosen_curves(trained, curves, methods,
-                                      report.figure("methods_logps_chosen.png", "log p(chosen) per step, each method"))
+                                      report.figure("methods_logps_chosen.png", "log p(chosen) against the reference per step, each method"))
     if manifest.get("best"):
         best = manifest["best"]
         report.add(f"Best trial by {best['select_by']}: `{best['trial']}` ({best['value']:.4g}).\n")

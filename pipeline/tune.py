@@ -8,7 +8,7 @@ recorded with its error; the others go on. Rerunning an unfinished stage restore
 trials are kept, unfinished ones resume from their checkpoints.
 
 Outputs in tune/: trials.parquet (one row a trial), best.json, heatmap.png (the metric over β and the rest of each
-method), logps_chosen.png (log p(chosen) over steps, every trial), trials/beta_<β>-lambda_<λ>[-loss_<type>]
+method), logps_chosen.png (log p(chosen) against the reference over steps, every trial), trials/beta_<β>-lambda_<λ>[-loss_<type>]
 [-ls_<ε>][-nll_<α>][-lr_<rate>]-<trial id>/ (each trial's train outputs: metrics.jsonl, checkpoints, model/; the
 bracketed parts where the sweep varies them).
 """

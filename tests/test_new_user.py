@@ -283,7 +283,8 @@ def test_titles_fit_and_steps_are_whole(tmp_path, drawn):
     title = fig.axes[0].title.get_window_extent(renderer)
     assert title.x0 >= 0 and title.x1 <= fig.bbox.x1 and title.y1 <= fig.bbox.y1
     metrics = [{"step": step, "loss": 0.7, "rewards/accuracies": 0.5, "rewards/margins": 0.0, "logps/chosen": -2.0,
-                "logps/rejected": -3.0, "dpop/penalty_active": 0.0} for step in (1, 2, 3)]
+                "logps/rejected": -3.0, "dpop/penalty_active": 0.0, "rewards/chosen": -0.1 * step}
+               for step in (1, 2, 3)]
     plots.training_curves(metrics, str(tmp_path / "curves.png"))
     curves = {"x_00000": metrics, "x_00001": metrics}
     models = [{"name": r["trial_id"], "params": {k: r[k] for k in METHOD_KEYS}} for r in rows]
@@ -292,4 +293,7 @@ def test_titles_fit_and_steps_are_whole(tmp_path, drawn):
     for fig in drawn[-2:]:
         for ax in fig.axes:
             assert all(float(tick).is_integer() for tick in ax.get_xticks()), ax.get_title()
-    assert [t.get_text() for t in drawn[-1].axes[0].get_legend().get_texts()] == ["DPO (λ 0)", "DPOP (λ 50)"]
+    assert [t.get_text() for t in drawn[-1].axes[0].get_legend().get_texts()] == ["reference", "DPO (λ 0)",
+                                                                                 "DPOP (λ 50)"]
+    # Drawn in nats against the reference: rewards/chosen / β.
+    assert list(drawn[-1].axes[0].get_lines()[1].get_ydata()) == pytest.approx([-1.0, -2.0, -3.0])
