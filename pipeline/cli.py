@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the stages in order, skipping those whose output is current")
     run.add_argument("config", help="YAML config file")
-    run.add_argument("--stages", type=_stage_list, help=f"comma-separated subset of {','.join(STAGE_NAMES)}")
+    run.add_argument("--stages", type=_stage_list, help=f"comma-separated subset of {','.join(STAGE_NAMES)}, or of an online "
+                     f"run's round stages (round1/generate, dpop/round2/train, ...: `dpop status` lists them)")
     run.add_argument("--force", type=_stage_list, default=[], help="rerun these stages even if current")
     status = sub.add_parser("status", help="show each stage: done, stale (and why), missing or failed")
     status.add_argument("config", help="YAML config file")
@@ -33,12 +34,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.command == "status":
             states = stage_states(cfg)
-            print(f"{'stage':<10} {'state':<8} {'rows':>8}  {'reads':<22} path")
+            width = max(10, *(len(row["stage"]) for row in states))  # an online round's stages: dpop/round2/train
+            print(f"{'stage':<{width}} {'state':<8} {'rows':>8}  {'reads':<22} path")
             for row in states:
                 rows = "" if row["rows"] is None else row["rows"]
                 why = f"  ({row['why']})" if row["why"] else ""
                 reads = ",".join(row["reads"]) or "-"
-                print(f"{row['stage']:<10} {row['state']:<8} {rows:>8}  {reads:<22} {row['path']}{why}")
+                print(f"{row['stage']:<{width}} {row['state']:<8} {rows:>8}  {reads:<22} {row['path']}{why}")
             return 1 if any(row["state"] == "failed" for row in states) else 0
         if args.command == "report":
             print(f"[dpop] report: {write_report(cfg)}")

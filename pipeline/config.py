@@ -21,8 +21,7 @@ from pydantic.fields import FieldInfo
 
 from pipeline.storage import is_remote
 from pipeline.vocab import (BELOW_REFERENCE_NATS_PER_TOKEN, BELOW_REFERENCE_NATS_PER_TOKEN_BF16, METHOD_KEYS,
-                            REPORTED_METRICS, TASK_METRICS,
-                            ConfigError)
+                            REPORTED_METRICS, TASK_METRICS, ConfigError, method_name, varying_keys)
 
 
 class Section(BaseModel):
@@ -197,7 +196,8 @@ class EarlyStoppingSection(Section):
 
 
 class MethodSection(Section):
-    """One method of tune.methods: the train keys it sets (each optional; the rest come from the sweep's grid)."""
+    """One method of tune.methods or online.methods: the train keys it sets (each optional; the rest come from the
+    sweep's grid, or from train for online.methods)."""
     loss_type: Literal["sigmoid", "robust", "ipo", "hinge"] | None = None
     dpop_lambda: Float | None = Field(None, ge=0)
     beta: Float | None = Field(None, gt=0)
@@ -422,6 +422,68 @@ class EvalSection(Section):
     """Whether lower or higher `select_by` is better."""
 
 
+class PromptSourceSection(Section):
+    path: str
+    """A local .jsonl/.json/.parquet file or folder, an s3:// or gs:// URI, or `hf:NAME`: read as data.sources are.
+    Each row is a problem with a gold answer: `question`, and `answer` either a worked solution ending '#### N'
+    (GSM8K) or the number itself. A row without a readable gold answer is dropped as `no_gold_answer`."""
+    name: str | None = None
+    """Label of the prompts in the manifest and report; unset: the file name without extension."""
+    fields: dict[str, str] = Field(default_factory=dict)
+    """Rename input fields to question and answer, e.g. {question: query, answer: response}."""
+    split: str = "train"
+    """Split of a Hugging Face dataset (`hf:` paths only)."""
+    subset: str | None = None
+    """Hugging Face dataset configuration name (`hf:` paths only)."""
+    limit: int | None = Field(None, gt=0)
+    """Read at most this many problems."""
+    prompt_template: str = "Question: {question}\nAnswer:"
+    """The prompt made from `{question}`; the policy's completion follows it."""
+
+
+class OnlineSection(Section):
+    """Online rounds, as Iterative Reasoning Preference Optimization (Pang et al. 2024) runs them: each round samples
+    `samples_per_prompt` completions per problem from the current policy, labels them, pairs right against wrong
+    (or high against low reward), and trains on those pairs from the last round's policy."""
+    rounds: int = Field(3, gt=0)
+    """Rounds of generate → pairs → reference → train → eval, each starting from the last round's policy."""
+    prompts: list[PromptSourceSection] = Field(min_length=1)
+    """The problems the policy answers each round."""
+    samples_per_prompt: int = Field(8, ge=2)
+    """k: completions sampled per problem each round (Pang et al.: 30 at 70B)."""
+    temperature: Float = Field(0.8, ge=0)
+    """Sampling temperature; 0 is greedy, which gives one answer k times and so no pairs."""
+    top_p: Float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling: sample from the smallest set of tokens whose probability reaches top_p."""
+    max_new_tokens: int = Field(256, gt=0)
+    """The longest completion sampled; one cut here has no final answer and is counted, not paired."""
+    stop: list[str] = Field(default_factory=lambda: ["Question:", "\n\n"])
+    """A completion ends at the first of these (and at the end-of-sequence token)."""
+    seed: int = 0
+    """Sampling seed: each problem's samples come from a seed made of this and the prompt's tokens, so the same
+    seed gives the same samples whatever the batching, on either engine (not across engines)."""
+    labeller: Literal["verifier", "reward_model"] = "verifier"
+    """`verifier`: a completion is right when its final answer ('#### N', read as eval's GSM8K exact match reads
+    it) is the gold answer. `reward_model`: `reward_model` scores each completion."""
+    reward_model: str | None = None
+    """`labeller: reward_model`: a sequence-classification model with one output (a local folder or URI)."""
+    pairs_per_prompt: int = Field(1, gt=0)
+    """Pairs made from one problem's samples: best against worst, then second best against second worst, each
+    completion in one pair, each pair strictly better against worse."""
+    methods: list[MethodSection] | None = None
+    """Methods that each run every round from the same start, e.g. [{dpop_lambda: 0}, {dpop_lambda: 0, nll_weight:
+    1}, {dpop_lambda: 50}] for DPO, DPO + NLL (Pang et al.'s loss) and DPOP; each sets train keys, the rest come from
+    train. Round 1's samples, pairs and reference pass are shared: they depend only on the start. Each method's
+    stages are `{method}/round{r}/...` (its name in lower case: dpo, dpo_nll, dpop). Unset: one loop, with train's
+    method, in `round{r}/...`."""
+    reference: Literal["initial", "previous"] = "previous"
+    """The reference of each round's DPO term. `previous` (Pang et al.'s choice): the last round's policy, so each
+    round's KL anchor moves with the policy and the reference pass scores the pairs with the model that sampled
+    them; drift can add up over rounds. `initial`: the starting model every round, so DPOP's penalty keeps the
+    chosen likelihood above the original model's; later rounds' pairs are scored by a model further from the
+    policy, and their log-ratios start away from zero."""
+
+
 class Config(Section):
     run: RunSection
     model: ModelSection
@@ -432,6 +494,8 @@ class Config(Section):
     """The sweep; without this section `dpop run` has no tune stage to run."""
     eval: EvalSection | None = None
     """Benchmarks of the trained policies against the reference; without this section there is no eval stage."""
+    online: OnlineSection | None = None
+    """Online rounds: the policy samples, a verifier or reward model labels, and DPOP trains on its own pairs."""
 
     def copy_with(self, changes: dict[str, object]) -> "Config":
         """A new Config with `changes` applied by dotted key (`{"train.beta": 0.2}`; list items by index, as
@@ -552,6 +616,8 @@ def _check_consistency(cfg: Config) -> Config:
                                "all-linear" in t.lora.target_modules and len(t.lora.target_modules) > 1):
         raise ConfigError(f"train.lora.target_modules: module names, or [all-linear] alone; got "
                           f"{t.lora.target_modules!r}")
+    if cfg.online is not None:
+        _check_online(cfg.online)
     if cfg.tune is not None:
         for key in METHOD_KEYS:
             if getattr(cfg.tune, key) == []:
@@ -585,6 +651,36 @@ def _check_consistency(cfg: Config) -> Config:
     if t.warmup_steps >= t.max_steps:
         raise ConfigError(f"train.warmup_steps: {t.warmup_steps} must be below train.max_steps {t.max_steps}")
     return cfg
+
+
+def online_methods(cfg: Config) -> list[tuple[str, dict]]:
+    """(folder, train keys) of each online method: its name in lower case (dpo_nll), with the keys the methods
+    differ in where two share a name; [("", {})] without online.methods."""
+    if not cfg.online.methods:
+        return [("", {})]
+    methods = [m.model_dump(exclude_none=True) for m in cfg.online.methods]
+    params = [{key: method.get(key, getattr(cfg.train, key)) for key in METHOD_KEYS} for method in methods]
+    names = [method_name(p).lower().replace(" + ", "_").replace(" ", "_") for p in params]
+    varying = varying_keys(params)
+    folders = [name + "".join(f"-{key}_{p[key]:g}" for key in varying if isinstance(p[key], float))
+               if names.count(name) > 1 else name for name, p in zip(names, params)]
+    return [(folder, {f"train.{key}": value for key, value in method.items()})
+            for folder, method in zip(folders, methods)]
+
+
+def _check_online(online: OnlineSection) -> None:
+    if online.labeller == "reward_model" and not online.reward_model:
+        raise ConfigError("online.reward_model: needed with online.labeller reward_model (a sequence-classification "
+                          "model with one output)")
+    if online.labeller == "verifier" and online.reward_model:
+        raise ConfigError(f"online.reward_model: {online.reward_model!r} is set, but online.labeller is verifier; "
+                          f"set online.labeller: reward_model to use it, or leave it out")
+    if online.pairs_per_prompt > online.samples_per_prompt // 2:
+        raise ConfigError(f"online.pairs_per_prompt: {online.pairs_per_prompt} pairs need "
+                          f"{2 * online.pairs_per_prompt} samples (each in one pair), but "
+                          f"online.samples_per_prompt is {online.samples_per_prompt}")
+    for i, source in enumerate(online.prompts):
+        _check_prompt_template(source.prompt_template, f"online.prompts[{i}].prompt_template")
 
 
 def _check_prompt_template(template: str | None, key: str) -> None:
@@ -708,7 +804,8 @@ def _is_local(path: str) -> bool:
 
 
 def _check_local_inputs(cfg: Config) -> None:
-    for prefix, sources in (("data.sources", cfg.data.sources), ("eval.sources", cfg.eval.sources if cfg.eval else [])):
+    for prefix, sources in (("data.sources", cfg.data.sources), ("eval.sources", cfg.eval.sources if cfg.eval else []),
+                            ("online.prompts", cfg.online.prompts if cfg.online else [])):
         for i, source in enumerate(sources):
             if _is_local(source.path) and not os.path.exists(source.path):
                 raise ConfigError(f"{prefix}[{i}].path: no such file or folder: {source.path!r}")

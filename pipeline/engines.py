@@ -3,6 +3,7 @@ policy and the reference are scored alike.
 
 - `VLLMEngine`: a `vllm.LLM` that scores prompt+completion token ids through prompt log-probs, and answers greedily.
 - `HFEngine`: a transformers model doing the same through pipeline.logprobs.
+- `RewardEngine`: a transformers reward model (sequence classification, one output) scoring completions.
 `engine_actor` gives `map_batches` the arguments of a pool whose actors (`EngineActor`) each hold one engine.
 """
 
@@ -103,14 +104,19 @@ class VLLMEngine:
         return [sum(output.prompt_logprobs[i][sequence[i]].logprob for i in range(len(prompt), len(sequence)))
                 for output, sequence, prompt in zip(outputs, sequences, prompts)]
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop: list[str]) -> list[str]:
-        """Greedy answers, cut before the first stop string (and at the end-of-sequence token)."""
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop: list[str], n: int = 1,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[list[str]]:
+        """`n` completions of each prompt, cut before the first stop string (and at the end-of-sequence token):
+        greedy at temperature 0, else sampled with the prompt's own seed (`prompt_seed`)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=stop)
+        greedy = temperature == 0  # vLLM takes n = 1 only: the n greedy answers are one answer n times
+        params = [SamplingParams(n=1 if greedy else n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                                 stop=stop, seed=prompt_seed(seed, p)) for p in prompts]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        return [cut_at_stop(output.outputs[0].text, stop) for output in outputs]
+        return [[cut_at_stop(sample.text, stop) for sample in output.outputs] * (n if greedy else 1)
+                for output in outputs]
 
 
 class HFEngine:
@@ -135,24 +141,90 @@ class HFEngine:
 
         return score_sequences(self.model, prompts, completions, self.pad_id, self.micro_batch_size, self.device)
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop: list[str]) -> list[str]:
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop: list[str], n: int = 1,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[list[str]]:
+        """As VLLMEngine.generate. Greedy answers are generated micro-batch by micro-batch; sampled ones prompt by
+        prompt (its `n` completions as one batch), after seeding torch with the prompt's own seed, so a prompt's
+        samples do not depend on its batch."""
         import torch
 
         answers = []
         with torch.inference_mode():
-            for start in range(0, len(prompts), self.micro_batch_size):
-                chunk = prompts[start:start + self.micro_batch_size]
-                width = max(map(len, chunk))
-                # Left padding: every prompt ends where generation starts.
-                input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in chunk], device=self.device)
-                attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk],
-                                              device=self.device)
-                generated = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                                max_new_tokens=max_new_tokens, do_sample=False,
-                                                pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id)
-                for row in generated[:, width:].tolist():
-                    answers.append(cut_at_stop(self.tokenizer.decode(row, skip_special_tokens=True), stop))
+            if temperature == 0:
+                for start in range(0, len(prompts), self.micro_batch_size):
+                    for row in self._generate(prompts[start:start + self.micro_batch_size], max_new_tokens,
+                                              do_sample=False):
+                        answers.append([cut_at_stop(row, stop)] * n)
+                return answers
+            for prompt in prompts:
+                torch.manual_seed(prompt_seed(seed, prompt))
+                rows = self._generate([prompt], max_new_tokens, do_sample=True, temperature=temperature,
+                                      top_p=top_p, top_k=0, num_return_sequences=n)
+                answers.append([cut_at_stop(row, stop) for row in rows])
         return answers
+
+    def _generate(self, prompts: list[list[int]], max_new_tokens: int, **options) -> list[str]:
+        import torch
+
+        width = max(map(len, prompts))
+        # Left padding: every prompt ends where generation starts.
+        input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        generated = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                        max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
+                                        eos_token_id=self.tokenizer.eos_token_id, **options)
+        # A character cut by max_new_tokens decodes to U+FFFD here; vLLM's detokenizer leaves it out, and so do we.
+        return [self.tokenizer.decode(row, skip_special_tokens=True).rstrip("\ufffd")
+                for row in generated[:, width:].tolist()]
+
+
+class RewardEngine:
+    """A transformers sequence-classification model with one output: the reward of each prompt + completion, read
+    at its last token (the labeller of online rounds)."""
+
+    def __init__(self, model: str, dtype: str, use_gpu: bool, micro_batch_size: int, trust_remote_code: bool):
+        import torch
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        with storage.local_copy(model) as folder:
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+            if config.num_labels != 1:
+                raise ConfigError(f"online.reward_model: {model} has {config.num_labels} output labels "
+                                  f"({', '.join(map(str, config.id2label.values()))}); a reward model has one, "
+                                  f"a score")
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                folder, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+            ).to(self.device).eval()
+        # Left padding: every sequence's last token is the batch's last position, where the model reads the score
+        # (transformers finds the last token that is not pad_token_id).
+        self.pad_id = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+        self.micro_batch_size = micro_batch_size
+
+    def rewards(self, prompts: list[list[int]], completions: list[list[int]]) -> list[float]:
+        import torch
+
+        sequences = [p + c for p, c in zip(prompts, completions)]
+        rewards = []
+        with torch.inference_mode():
+            for start in range(0, len(sequences), self.micro_batch_size):
+                chunk = sequences[start:start + self.micro_batch_size]
+                width = max(map(len, chunk))
+                input_ids = torch.tensor([[self.pad_id] * (width - len(s)) + s for s in chunk], device=self.device)
+                attention_mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in chunk],
+                                              device=self.device)
+                logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+                rewards += logits[:, 0].float().tolist()
+        return rewards
+
+
+def prompt_seed(seed: int, prompt: list[int]) -> int:
+    """A prompt's own sampling seed, from the run's seed and the prompt's tokens: its samples are the same whatever
+    its batch, actor or place in the data."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}:{','.join(map(str, prompt))}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:
@@ -161,7 +233,7 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
     return text[:min(cuts)] if cuts else text
 
 
-ENGINES = {"vllm": VLLMEngine, "hf": HFEngine}
+ENGINES = {"vllm": VLLMEngine, "hf": HFEngine, "reward": RewardEngine}
 
 
 class EngineActor:

@@ -222,3 +222,37 @@ def method_styles(models: list[dict], methods: list[tuple]) -> dict[str, Style]:
         stage = "train: " if m["name"] == "train" else ""
         styles[m["name"]] = Style(stage + method_label(m["params"], varying), f"C{index % 10}", index)
     return styles
+
+
+def online_rounds(rows: list[dict], curves: dict[str, list[tuple[int, float]]], methods: list[dict], uri: str) -> None:
+    """Online rounds per method: each benchmark's exact match after every round (round 0: the starting model), and
+    log p(chosen) against each round's reference over the rounds' training steps, one after the other. `rows`:
+    {method, round, task, exact_match}; `curves`: {method: [(step counted over all rounds, nats)]}; `methods`:
+    dicts with name and params, for the run's colours and labels."""
+    styles = method_styles(methods, [tuple(m["params"][key] for key in METHOD_KEYS) for m in methods])
+    tasks = sorted({r["task"] for r in rows})
+    with figure(uri, 1, len(tasks) + 1, figsize=(5 * (len(tasks) + 1), 4), squeeze=False) as (fig, axes):
+        for ax, task in zip(axes[0], tasks):
+            for name, style in sorted(styles.items(), key=lambda item: item[1].order):
+                points = sorted((r["round"], r["exact_match"]) for r in rows if r["task"] == task and
+                                r["method"] == name)
+                if points:
+                    ax.plot(*zip(*points), marker="o", label=style.label, color=style.color)
+            ax.set_xlabel("round (0: the starting model)")
+            ax.xaxis.set_major_locator(integer_ticks())
+            ax.set_ylabel("exact match")
+            ax.set_title(task, fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        ax = axes[0][-1]
+        ax.axhline(0.0, color="gray", linewidth=1, linestyle="--", label="each round's reference")
+        for name, points in curves.items():
+            if points:
+                ax.plot(*zip(*points), label=styles[name].label, color=styles[name].color)
+        ax.set_xlabel("training step, rounds one after the other")
+        ax.xaxis.set_major_locator(integer_ticks())
+        ax.set_ylabel("log p(chosen) − reference's (nats)")
+        ax.set_title("chosen log-likelihood on each step's pairs", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.suptitle("Online rounds: exact match per round, and the chosen likelihood while training")

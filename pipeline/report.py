@@ -8,7 +8,7 @@ import tempfile
 from datetime import datetime, timezone
 
 from pipeline import plots, storage
-from pipeline.config import Config
+from pipeline.config import Config, online_methods
 from pipeline.evaluate.metrics import method_comparison
 from pipeline.runner import stage_states
 from pipeline.train.metrics import read_metrics
@@ -189,8 +189,64 @@ def write_report(cfg: Config) -> str:
                     Stage.EVAL: functools.partial(_eval_section, methods=plots.run_methods(cfg))}
         for state in states:
             manifest = state["manifest"]
-            if manifest and manifest.get("status") != "failed":
-                sections[state["stage"]](report, manifest, state["path"])
-            elif state["state"] == "failed":
+            if state["state"] == "failed":
                 report.add(f"## {state['stage']}: failed\n\n{state['why']}\n")
+            elif manifest and state["stage"] in sections:  # an online round's stages: in their own section
+                sections[state["stage"]](report, manifest, state["path"])
+        if cfg.online is not None:
+            _online_section(report, cfg, {state["stage"]: state for state in states})
         return report.save()
+
+
+def starting_exact_match(rows: list[dict]) -> str:
+    """The starting model's exact match on each benchmark, from the online section's round-0 rows."""
+    return ", ".join(sorted({f"{r['task']} exact match {r['exact_match']:.4g}" for r in rows if r["round"] == 0})) \
+        or "not evaluated"
+
+
+def _online_section(report: Report, cfg: Config, states: dict[str, dict]) -> None:
+    """Per method and round: exact match on each benchmark, the share of problems that gave a pair, pairs kept,
+    generation throughput, and log p(chosen) against the round's reference over the rounds' training."""
+    import json
+
+    report.add("## Online rounds\n")
+    rows, table, curves, methods = [], [], {}, []
+    for folder, changes in online_methods(cfg):
+        name = folder or "train"
+        params = {key: changes.get(f"train.{key}", getattr(cfg.train, key)) for key in METHOD_KEYS}
+        methods.append({"name": name, "params": params})
+        curves[name], offset = [], 0
+        for r in range(1, cfg.online.rounds + 1):
+            prefix = f"{folder}/round{r}" if folder else f"round{r}"
+            shared = "round1" if r == 1 else prefix  # round 1's samples and pairs are every method's
+            manifest = lambda kind: (states.get(f"{prefix}/{kind}") or states.get(f"{shared}/{kind}") or {}) \
+                .get("manifest") or {}
+            results_text = storage.read_text(storage.join(states.get(f"{prefix}/eval", {}).get("path", ""),
+                                                          "results.json")) if f"{prefix}/eval" in states else None
+            exact = {}
+            for result in json.loads(results_text or "[]"):
+                # The round's policy; and the starting model, at round 0 of each method's line.
+                at = r if result["model"] == "train" else 0 if r == 1 else None
+                if result["metric"] == "exact_match" and at is not None:
+                    rows.append({"method": name, "round": at, "task": result["task"], "exact_match": result["value"]})
+                    if at:
+                        exact[result["task"]] = result["value"]
+            pairs, generate = manifest(Stage.PAIRS), manifest("generate")
+            train_uri = states.get(f"{prefix}/{Stage.TRAIN}", {}).get("path")
+            metrics = [m for m in read_metrics(train_uri) if "rewards/chosen" in m] if train_uri and \
+                states[f"{prefix}/{Stage.TRAIN}"]["manifest"] else []
+            curves[name] += [(offset + m["step"], m["rewards/chosen"] / params["beta"]) for m in metrics]
+            offset += metrics[-1]["step"] if metrics else 0
+            table.append({"method": name, "round": r, "exact": exact, "usable": pairs.get("usable_share"),
+                          "pairs": pairs.get("rows"), "tokens_per_second": generate.get("tokens_per_second"),
+                          "chosen": curves[name][-1][1] if metrics else None})
+    tasks = sorted({x["task"] for x in rows})
+    labels = {m["name"]: method_label(m["params"], varying_keys([x["params"] for x in methods])) for m in methods}
+    text = _table(["method", "round", *(f"{task} exact match" for task in tasks), "problems with a pair",
+                   "pairs kept", "generated tokens/s", "last step: log p(chosen) − reference"],
+                  [[labels[t["method"]], t["round"], *(t["exact"].get(task) for task in tasks), t["usable"],
+                    t["pairs"], t["tokens_per_second"], t["chosen"]] for t in table])
+    report.add(text)
+    print(f"[dpop] online rounds (round 0 is the start: {starting_exact_match(rows)}):\n{text}", flush=True)
+    if rows or any(curves.values()):
+        plots.online_rounds(rows, curves, methods, report.figure("online_rounds.png", "online rounds per method"))

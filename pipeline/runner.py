@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from pipeline import storage
-from pipeline.config import Config, fingerprint_view
+from pipeline.config import Config, fingerprint_view, online_methods
 from pipeline.fingerprint import (ModelNotFound, digest, hub_revisions, model_identity, pin_models,
                                   source_identity)
 from pipeline.runlock import RunLock
@@ -48,6 +48,18 @@ class StageSpec:
     check: str | None = None
     """`module:function` taking the config, run before Ray starts: what the stage can find wrong in its inputs
     without a cluster (unreadable files, a model folder without a tokenizer); raises ConfigError naming the key."""
+    kind: str = ""
+    """What the stage is (a vocab.Stage, or `generate`): the key under which a downstream stage finds its folder
+    and manifest. Unset: its name. A round's stages (`round2/train`) are the kinds they repeat."""
+    changes: tuple[tuple[str, object], ...] = ()
+    """Config changes by dotted key for this stage alone (an online method's train keys): in its fingerprint, its
+    manifest and the config its entry function gets."""
+    model_from: str | None = None
+    """An upstream train stage whose saved policy is this stage's `model.name_or_path`: an online round starts
+    from the last round's policy."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", self.kind or self.name)
 
 
 def upstreams(stage: StageSpec, cfg: Config) -> tuple[str, ...]:
@@ -87,6 +99,66 @@ STAGES = (
               check="pipeline.evaluate.tasks:check_inputs"),
 )
 assert tuple(s.name for s in STAGES) == STAGE_NAMES, "one spec per stage, in run order"
+
+
+def round_specs(cfg: Config) -> tuple[StageSpec, ...]:
+    """Each online round's stages, `[{method}/]round{r}/{kind}`: generate from the round's starting policy (the
+    model, then the last round's train output), pair the samples, score the pairs with the round's reference (the
+    model, or the last round's policy: online.reference), train from the starting policy, and evaluate when `eval`
+    is configured. Round 1's generate, pairs and reference depend only on the start, so every method shares them.
+    Each round's stages hang off the last round's train stage, so a changed setting makes exactly what depends on
+    it stale."""
+    if cfg.online is None:
+        return ()
+    shared = "round1"
+    specs = [
+        StageSpec(f"{shared}/generate", (), ("model", "data", "reference", "online"), ("model",),
+                  "pipeline.generate:generate_samples", kind="generate"),
+        StageSpec(f"{shared}/{Stage.PAIRS}", (f"{shared}/generate",), ("model", "data", "online"), ("tokenizer",),
+                  "pipeline.sampled_pairs:pair_samples", kind=Stage.PAIRS),
+        StageSpec(f"{shared}/{Stage.REFERENCE}", (f"{shared}/{Stage.PAIRS}",), ("model", "reference"), ("model",),
+                  "pipeline.reference:compute_reference", resumable=True, kind=Stage.REFERENCE),
+    ]
+    for method, changes in online_methods(cfg):
+        changes = tuple(changes.items())
+        for r in range(1, cfg.online.rounds + 1):
+            this = f"{method}/round{r}" if method else f"round{r}"
+            last = (f"{method}/round{r - 1}/{Stage.TRAIN}" if method else f"round{r - 1}/{Stage.TRAIN}") \
+                if r > 1 else None
+            reference = f"{this}/{Stage.REFERENCE}" if r > 1 else f"{shared}/{Stage.REFERENCE}"
+            if r > 1:
+                # Later rounds read the last round's policy: its fingerprint is in their upstream part.
+                reference_from = last if cfg.online.reference == "previous" else None
+                specs += [
+                    StageSpec(f"{this}/generate", (last,), ("model", "data", "reference", "online"), (),
+                              "pipeline.generate:generate_samples", kind="generate", changes=changes,
+                              model_from=last),
+                    StageSpec(f"{this}/{Stage.PAIRS}", (f"{this}/generate",), ("model", "data", "online"),
+                              ("tokenizer",), "pipeline.sampled_pairs:pair_samples", kind=Stage.PAIRS,
+                              changes=changes),
+                    StageSpec(reference, (f"{this}/{Stage.PAIRS}", *((last,) if reference_from else ())),
+                              ("model", "reference"), () if reference_from else ("model",),
+                              "pipeline.reference:compute_reference", resumable=True, kind=Stage.REFERENCE,
+                              changes=changes, model_from=reference_from),
+                ]
+            specs.append(StageSpec(f"{this}/{Stage.TRAIN}", (reference, *((last,) if last else ())), ("model", "train"),
+                                   ("seed",) if last else ("model", "seed"), "pipeline.train.stage:train_policy",
+                                   resumable=True, kind=Stage.TRAIN, changes=changes, model_from=last))
+            if cfg.eval is not None:
+                specs.append(StageSpec(f"{this}/{Stage.EVAL}", (reference, f"{this}/{Stage.TRAIN}"),
+                                       ("model", "data", "reference", "eval"), ("model", "eval_sources"),
+                                       "pipeline.evaluate.stage:evaluate_policies", kind=Stage.EVAL, changes=changes))
+    return tuple(specs)
+
+
+def spec_config(cfg: Config, stage: StageSpec) -> Config:
+    """The config `stage` runs with: `cfg` with the stage's own changes (an online method's train keys)."""
+    return cfg.copy_with(dict(stage.changes)) if stage.changes else cfg
+
+
+def stage_specs(cfg: Config) -> tuple[StageSpec, ...]:
+    """Every stage this config can run, in run order: the offline stages, then the online rounds."""
+    return STAGES + round_specs(cfg)
 
 
 @dataclass
@@ -147,12 +219,12 @@ def fingerprint_parts(cfg: Config) -> dict[str, dict[str, str]]:
         return content[key]
 
     parts: dict[str, dict[str, str]] = {}
-    for stage in STAGES:
+    for stage in stage_specs(cfg):
         if any(getattr(cfg, section) is None for section in stage.sections):
             continue  # an unconfigured stage (tune) has nothing to fingerprint
         needs = upstreams(stage, cfg)
         parts[stage.name] = {
-            "config": digest(stage_config(cfg, stage)),
+            "config": digest(stage_config(spec_config(cfg, stage), stage)),
             **{key: read(key) for key in stage.reads},
             "upstream": digest({name: parts[name] for name in needs}) if needs else "",
         }
@@ -183,12 +255,14 @@ def stage_states(cfg: Config, expected: dict | None = None) -> list[dict]:
     expected = expected or fingerprint_parts(cfg)
     manifests, states = {}, {}
     rows = []
-    for stage in STAGES:
+    for stage in stage_specs(cfg):
         uri = stage_uri(cfg, stage.name)
         manifest = manifests[stage.name] = storage.read_json(storage.join(uri, MANIFEST))
         why = None
         if stage.name not in expected:
             state = "off"  # its config section is absent (tune)
+        elif manifest is None and cfg.online is not None and stage in STAGES:
+            state = "off"  # an online run runs its rounds; an offline stage runs only when named
         elif manifest is None:
             failed = storage.read_json(storage.join(uri, FAILED))
             state, why = ("failed", f"{failed['error']} (traceback: {failed['log']})") if failed else ("missing", None)
@@ -196,7 +270,7 @@ def stage_states(cfg: Config, expected: dict | None = None) -> list[dict]:
             state, why = "failed", manifest.get("error")
         else:
             needs = upstreams(stage, cfg)
-            why = _why_stale(manifest, expected[stage.name], stage_config(cfg, stage),
+            why = _why_stale(manifest, expected[stage.name], stage_config(spec_config(cfg, stage), stage),
                              {name: manifests[name] for name in needs})
             stale_upstream = [name for name in needs if states.get(name) == "stale"]
             if not why and stale_upstream:
@@ -261,11 +335,12 @@ def _check_answers(address: str) -> None:
 
 def _check_requested(cfg: Config, only: list[str] | None, force: list[str]) -> list[str]:
     """The stage names asked for exist and are configured (before any file is read); returns the configured ones."""
+    names = [s.name for s in stage_specs(cfg)]
     for name in [*(only or []), *force]:
-        if name not in STAGE_NAMES:
-            raise PlanError(f"unknown stage {name!r}; stages are {', '.join(STAGE_NAMES)}")
+        if name not in names:
+            raise PlanError(f"unknown stage {name!r}; stages are {', '.join(names)}")
     # A stage whose config section is absent (tune) runs only when asked for, and then needs the section.
-    configured = [s.name for s in STAGES if all(getattr(cfg, section) is not None for section in s.sections)]
+    configured = [s.name for s in stage_specs(cfg) if all(getattr(cfg, section) is not None for section in s.sections)]
     for name in [*(only or []), *force]:
         if name not in configured:
             raise PlanError(f"stage {name} needs a `{name}` section in the config")
@@ -284,10 +359,11 @@ def plan(cfg: Config, only: list[str] | None, force: list[str],
     """Which stages run and why, checked before any work starts."""
     configured = _check_requested(cfg, only, force)
     states = {row["stage"]: row["state"] for row in stage_states(cfg, expected)}
-    selected = only or configured
+    # An online config runs its rounds; the offline stages run when named.
+    selected = only or ([n for n in configured if "/" in n] if cfg.online else configured)
     will_be_done = {name for name, state in states.items() if state == "done"}
     steps = []
-    for stage in STAGES:
+    for stage in stage_specs(cfg):
         if stage.name not in selected:
             continue
         needs = upstreams(stage, cfg)
@@ -317,11 +393,12 @@ def check_gpus(cfg: Config, stages: list[StageSpec]) -> None:
 
     have = ray.cluster_resources().get("GPU", 0)
     needs = {}
-    names = {s.name for s in stages}
+    names = {s.kind for s in stages}
     ref = cfg.reference
-    # Eval scores on actors with the reference section's resources; the stages' pools do not run at once.
+    # Eval and generate use actors with the reference section's resources; the stages' pools do not run at once.
     eval_backend = cfg.eval and (cfg.eval.backend or ref.backend)
-    backends = [b for name, b in ((Stage.REFERENCE, ref.backend), (Stage.EVAL, eval_backend)) if name in names and b]
+    backends = [b for name, b in ((Stage.REFERENCE, ref.backend), (Stage.EVAL, eval_backend), ("generate", ref.backend))
+                if name in names and b]
     if backends and ref.use_gpu:
         per_actor = max(gpus_per_actor(cfg, b) for b in backends)
         needs["reference.use_gpu"] = (ref.num_actors * per_actor,
@@ -364,6 +441,7 @@ def run_stages(cfg: Config, only: list[str] | None = None, force: list[str] = ()
 def _run_steps(cfg: Config, steps: list[tuple[StageSpec, str]], expected_parts: dict) -> dict[str, dict]:
     manifests = {}
     pinned = pin_models(cfg)  # what the stages load; the fingerprints and manifests keep the names as written
+    kinds = {spec.name: spec.kind for spec in stage_specs(cfg)}
     for stage, reason in steps:
         out = stage_uri(cfg, stage.name)
         manifest_uri = storage.join(out, MANIFEST)
@@ -385,16 +463,21 @@ def _run_steps(cfg: Config, steps: list[tuple[StageSpec, str]], expected_parts: 
                     storage.delete_file(storage.join(out, name))
         print(f"[dpop] {stage.name}: {'resuming' if resuming else 'running'} ({reason}) -> {out}", flush=True)
         entry = _function(stage.entry)
+        # Keyed by what each upstream is (its kind): a round's train finds its pairs under "reference" as the
+        # offline train does.
         context = StageContext(
             out=out,
-            inputs={name: stage_uri(cfg, name) for name in needs},
-            manifests=upstream_manifests,
+            inputs={kinds[name]: stage_uri(cfg, name) for name in needs},
+            manifests={kinds[name]: manifest for name, manifest in upstream_manifests.items()},
             fingerprint=fingerprint,
             resuming=resuming,
         )
+        stage_cfg = spec_config(pinned, stage)
+        if stage.model_from:  # the last round's policy, saved by its train stage
+            stage_cfg = stage_cfg.copy_with({"model.name_or_path": upstream_manifests[stage.model_from]["model"]})
         started = time.time()
         try:
-            fields, error = entry(pinned, context), None
+            fields, error = entry(stage_cfg, context), None
         except StageFailed as failure:
             fields, error = {**failure.fields, "status": "failed", "error": str(failure)}, failure
         except Exception as e:
@@ -405,9 +488,9 @@ def _run_steps(cfg: Config, steps: list[tuple[StageSpec, str]], expected_parts: 
             "fingerprint": fingerprint,
             "fingerprint_parts": expected_parts[stage.name],
             "inputs": inputs,
-            "config": stage_config(cfg, stage),
+            "config": stage_config(spec_config(cfg, stage), stage),
             "hub_revisions": hub_revisions(cfg, stage.reads),
-            **({"model_path": pinned.model.name_or_path} if "model" in stage.reads else {}),
+            **({"model_path": stage_cfg.model.name_or_path} if "model" in stage.reads or stage.model_from else {}),
             "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
             "finished_at": datetime.now(timezone.utc).isoformat(),
             "seconds": round(time.time() - started, 2),

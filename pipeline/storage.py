@@ -87,6 +87,7 @@ def write_parquet(table, uri: str) -> None:
     import pyarrow.parquet as pq
 
     fs, path = resolve(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     local = isinstance(fs, pafs.LocalFileSystem)
     target = path + ".tmp" if local else path
     pq.write_table(table, target, filesystem=fs)

@@ -110,6 +110,22 @@ def test_exponent_floats_without_a_dot_are_floats(tmp_path, base):
      "eval.select_by: 'gsm8k/exact_match' names no eval task; tasks are pairs"),
     (lambda r: r.update(tune={}, eval={"policies": ["tune"], "select_by": "pairs/exact_match"}),
      "eval.select_by: pairs reports acc, rewards/accuracies"),
+    (lambda r: r.update(online={}), "missing required key online.prompts"),
+    (lambda r: r.update(online={"prompts": [{"path": "/nope.jsonl"}]}),
+     "online.prompts[0].path: no such file or folder: '/nope.jsonl'"),
+    (lambda r: r.update(online={"prompts": [{"path": r["data"]["sources"][0]["path"]}], "labeller": "reward_model"}),
+     "online.reward_model: needed with online.labeller reward_model"),
+    (lambda r: r.update(online={"prompts": [{"path": r["data"]["sources"][0]["path"]}], "reward_model": "rm/"}),
+     "online.reward_model: 'rm/' is set, but online.labeller is verifier"),
+    (lambda r: r.update(online={"prompts": [{"path": r["data"]["sources"][0]["path"]}], "samples_per_prompt": 4,
+                                "pairs_per_prompt": 3}),
+     "online.pairs_per_prompt: 3 pairs need 6 samples (each in one pair), but online.samples_per_prompt is 4"),
+    (lambda r: r.update(online={"prompts": [{"path": r["data"]["sources"][0]["path"]}], "samples_per_prompt": 1}),
+     "online.samples_per_prompt: must be >= 2, got 1"),
+    (lambda r: r.update(online={"prompts": [{"path": r["data"]["sources"][0]["path"], "prompt_template": "{q}"}]}),
+     "online.prompts[0].prompt_template: must use {question} and no other placeholder"),
+    (lambda r: r.update(online={"prompts": [{"path": r["data"]["sources"][0]["path"]}], "reference": "first"}),
+     "online.reference: 'first' is not one of 'initial', 'previous'"),
 ])
 def test_errors_name_the_key_and_value(tmp_path, base, mutate, message):
     mutate(base)

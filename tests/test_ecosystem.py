@@ -154,7 +154,8 @@ def test_merged_policy_serves_in_vllm(lora_run):
         engine = VLLMEngine(model=model_dir, tokenizer=None, dtype="float32", tensor_parallel_size=1,
                             gpu_memory_utilization=0.2, max_model_len=257, max_num_batched_tokens=8192,
                             enforce_eager=True, trust_remote_code=False, seed=0)
-        return engine.logps(prompts, completions), engine.generate(prompts, max_new_tokens=8, stop=[])
+        greedy = engine.generate(prompts, max_new_tokens=8, stop=[])
+        return engine.logps(prompts, completions), [answer for (answer,) in greedy]
 
     served, answers = ray.get(serve.remote())
     expected = HFEngine(model_dir, "float32", False, 4, False).logps(prompts, completions)

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from pipeline.evaluate.metrics import flexible_answer, gsm8k_metrics, multiple_choice_metrics, pair_metrics, strict_answer
+from pipeline.answers import flexible_answer, strict_answer
+from pipeline.evaluate.metrics import gsm8k_metrics, multiple_choice_metrics, pair_metrics
 from pipeline.evaluate.tasks import _encode_continuation
 from pipeline.engines import cut_at_stop
 

@@ -1,8 +1,8 @@
 """Answers -> numbers: each task kind's metrics for one model, the results table, the best trial, and the
 comparison of the methods evaluated that the stage prints and the report shows."""
-import re
 from dataclasses import dataclass
 
+from pipeline.answers import flexible_answer, strict_answer
 from pipeline.vocab import TASK_METRICS, method_label, varying_keys
 
 
@@ -13,30 +13,6 @@ class Model:
     path: str
     params: dict | None = None
     """The method that trained it (vocab.METHOD_KEYS: loss type, λ, β, ε, α, learning rate); None: the reference."""
-
-
-STRICT_ANSWER = re.compile(r"#### (\-?[0-9\.\,]+)")
-FLEXIBLE_ANSWER = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
-
-
-def normalize_number(text: str) -> str:
-    """As lm-evaluation-harness's gsm8k filters do: commas, dollar signs and a trailing period removed."""
-    text = text.strip().replace(",", "").replace("$", "")
-    return text[:-1] if text.endswith(".") else text
-
-
-def strict_answer(text: str) -> str | None:
-    """The number after '#### ', the answer format GSM8K solutions end with."""
-    match = STRICT_ANSWER.search(text)
-    return normalize_number(match.group(1)) if match else None
-
-
-def flexible_answer(text: str) -> str | None:
-    """The last number anywhere in the answer."""
-    matches = FLEXIBLE_ANSWER.findall(text)
-    if not matches:
-        return None
-    return normalize_number(next(group for group in matches[-1] if group))
 
 
 def _mean(values) -> float:

@@ -36,7 +36,7 @@ class EvalScorer(EngineActor):
                 groups.setdefault((r["max_new_tokens"], tuple(r["stop"])), []).append(i)
         for (max_new_tokens, stop), indices in groups.items():
             answers = self.engine.generate([rows[i]["prompt_ids"] for i in indices], max_new_tokens, list(stop))
-            for i, answer in zip(indices, answers):
+            for i, (answer,) in zip(indices, answers):  # one greedy answer each
                 text[i] = answer
         return pa.table({"request_id": batch["request_id"], "logp": pa.array(logp, pa.float64()),
                          "text": pa.array(text, pa.string())})

@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from pipeline import storage
+from pipeline.answers import strict_answer
 from pipeline.config import Config, EvalSourceSection, eval_task_names
-from pipeline.evaluate.metrics import strict_answer
 from pipeline.pairs import check_source_files, checked_tokenizer, read_source
 from pipeline.sources import Drop, answer_index, multiple_choice_fields, parse_record
 from pipeline.vocab import counts_text
