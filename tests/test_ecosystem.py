@@ -149,7 +149,7 @@ def test_merged_policy_serves_in_vllm(lora_run):
     pairs = pq.read_table(run_dir / "pairs").slice(0, 4).to_pylist()
     prompts, completions = [p["prompt_ids"] for p in pairs], [p["chosen_ids"] for p in pairs]
 
-    @ray.remote(num_cpus=1, runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}})
+    @ray.remote(num_cpus=1, max_calls=1, runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}})
     def serve():
         engine = VLLMEngine(model=model_dir, tokenizer=None, dtype="float32", tensor_parallel_size=1,
                             gpu_memory_utilization=0.2, max_model_len=257, max_num_batched_tokens=8192,

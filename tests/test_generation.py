@@ -8,9 +8,10 @@ PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16, 17], [18, 19]]
 SAMPLING = dict(max_new_tokens=12, stop=[], n=3, temperature=1.0, top_p=0.9, seed=7)
 
 
-@ray.remote(num_cpus=1, runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}})
+@ray.remote(num_cpus=1, max_calls=1, runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}})
 def vllm_samples(model: str) -> dict:
-    """In a Ray task: a clean interpreter, as in the reference and eval actors."""
+    """In a Ray task: a clean interpreter, as in the reference and eval actors. max_calls=1: the worker exits
+    after it, so no later vLLM engine lands in a process that already ran one (vLLM keeps process-wide state)."""
     from pipeline.engines import VLLMEngine
 
     engine = VLLMEngine(model=model, tokenizer=None, dtype="float32", tensor_parallel_size=1,
