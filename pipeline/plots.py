@@ -137,6 +137,16 @@ def sweep_heatmap(rows: list[dict], metric: str, mode: str, uri: str) -> None:
         fig.colorbar(image, ax=ax)
 
 
+def label_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """A step-like x axis with whole ticks, the labels, a light grid and the legend, as every curve panel has."""
+    ax.set_xlabel(xlabel)
+    ax.xaxis.set_major_locator(integer_ticks())
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def logps_chosen_curves(models: list[dict], curves: dict[str, list[dict]], methods: list, uri: str) -> None:
     """log p(chosen) against the reference's over steps for every trained model (dicts with name and params; {name:
     its metrics.jsonl rows}), each labelled and coloured by its method as in every other figure (`methods`:
@@ -158,12 +168,7 @@ def logps_chosen_curves(models: list[dict], curves: dict[str, list[dict]], metho
                 if points:
                     ax.plot(*zip(*points), label=styles[name].label, color=styles[name].color,
                             marker="o" if key.startswith("eval/") else None, markersize=3)
-            ax.set_xlabel("step")
-            ax.xaxis.set_major_locator(integer_ticks())
-            ax.set_ylabel("log p(chosen) − reference's (nats, summed over tokens)")
-            ax.set_title(title, fontsize=10)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            label_axes(ax, "step", "log p(chosen) − reference's (nats, summed over tokens)", title)
         fig.suptitle("Chosen log-likelihood against the reference: DPO's failure mode is this falling below 0")
 
 
@@ -238,21 +243,12 @@ def online_rounds(rows: list[dict], curves: dict[str, list[tuple[int, float]]], 
                                 r["method"] == name)
                 if points:
                     ax.plot(*zip(*points), marker="o", label=style.label, color=style.color)
-            ax.set_xlabel("round (0: the starting model)")
-            ax.xaxis.set_major_locator(integer_ticks())
-            ax.set_ylabel("exact match")
-            ax.set_title(task, fontsize=10)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            label_axes(ax, "round (0: the starting model)", "exact match", task)
         ax = axes[0][-1]
         ax.axhline(0.0, color="gray", linewidth=1, linestyle="--", label="each round's reference")
         for name, points in curves.items():
             if points:
                 ax.plot(*zip(*points), label=styles[name].label, color=styles[name].color)
-        ax.set_xlabel("training step, rounds one after the other")
-        ax.xaxis.set_major_locator(integer_ticks())
-        ax.set_ylabel("log p(chosen) − reference's (nats)")
-        ax.set_title("chosen log-likelihood on each step's pairs", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        label_axes(ax, "training step, rounds one after the other", "log p(chosen) − reference's (nats)",
+                   "chosen log-likelihood on each step's pairs")
         fig.suptitle("Online rounds: exact match per round, and the chosen likelihood while training")
