@@ -89,7 +89,9 @@ def test_best_json_is_the_best_trial_in_trials_parquet(sweep):
     assert best["metric"] == "eval/loss" and best["value"] == candidates.kept_metric.min()
     # No early stopping here: each trial's model/ is its last step's, ranked by the last value.
     assert (candidates.kept_metric == candidates.final_metric).all()
-    assert (candidates.model_step == candidates.steps).all()
+    # A trial ASHA stops may run a few steps past its last evaluation before the stop reaches it; it saves no model.
+    finished = candidates[candidates.model.notna()]
+    assert (finished.model_step == finished.steps).all()
     if best["status"] == "finished":
         assert (run_dir / "tune" / best["model"].split("/tune/", 1)[1] / "config.json").exists()
 
