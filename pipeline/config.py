@@ -402,6 +402,9 @@ class EvalSection(Section):
     policies: list[Literal["train", "tune"]] = Field(default_factory=lambda: ["train"])
     """Which trained policies to evaluate against the reference model: `train`'s model, and/or the model of every
     finished trial of `tune`."""
+    reference: bool = True
+    """Score the reference model (model.name_or_path) on `sources` too: the baseline each policy is compared with.
+    Online rounds score it once, in the first method's round 1, and leave it out of every later round's eval."""
     pairs: bool = True
     """Score the held-out pairs (the reference stage's eval split, never trained on) with each policy: reward
     accuracy and margin, and the change in chosen and rejected log-probs against the reference."""

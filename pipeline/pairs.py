@@ -99,7 +99,8 @@ def split_of(prompt: str, eval_fraction: float) -> str:
 def load_tokenizer(name_or_path: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    with storage.local_copy(name_or_path, weights=False) as files:  # (on an object store: its small files)
+        tokenizer = AutoTokenizer.from_pretrained(files, trust_remote_code=trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {name_or_path!r} has no EOS token; completions need one to end")
     return tokenizer

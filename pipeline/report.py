@@ -210,7 +210,7 @@ def _online_section(report: Report, cfg: Config, states: dict[str, dict]) -> Non
     import json
 
     report.add("## Online rounds\n")
-    rows, table, curves, methods = [], [], {}, []
+    rows, table, curves, methods, start = [], [], {}, [], {}
     for folder, changes in online_methods(cfg):
         name = folder or "train"
         params = {key: changes.get(f"train.{key}", getattr(cfg.train, key)) for key in METHOD_KEYS}
@@ -225,12 +225,13 @@ def _online_section(report: Report, cfg: Config, states: dict[str, dict]) -> Non
                                                           "results.json")) if f"{prefix}/eval" in states else None
             exact = {}
             for result in json.loads(results_text or "[]"):
-                # The round's policy; and the starting model, at round 0 of each method's line.
-                at = r if result["model"] == "train" else 0 if r == 1 else None
-                if result["metric"] == "exact_match" and at is not None:
-                    rows.append({"method": name, "round": at, "task": result["task"], "exact_match": result["value"]})
-                    if at:
-                        exact[result["task"]] = result["value"]
+                if result["metric"] != "exact_match":
+                    continue
+                if result["model"] == "train":
+                    rows.append({"method": name, "round": r, "task": result["task"], "exact_match": result["value"]})
+                    exact[result["task"]] = result["value"]
+                else:  # the starting model, scored by the first method's round-1 eval (eval.reference)
+                    start[result["task"]] = result["value"]
             pairs, generate = manifest(Stage.PAIRS), manifest("generate")
             train_uri = states.get(f"{prefix}/{Stage.TRAIN}", {}).get("path")
             metrics = [m for m in read_metrics(train_uri) if "rewards/chosen" in m] if train_uri and \
@@ -240,6 +241,9 @@ def _online_section(report: Report, cfg: Config, states: dict[str, dict]) -> Non
             table.append({"method": name, "round": r, "exact": exact, "usable": pairs.get("usable_share"),
                           "pairs": pairs.get("rows"), "tokens_per_second": generate.get("tokens_per_second"),
                           "chosen": curves[name][-1][1] if metrics else None})
+    # Every method's line starts at the starting model: round 0.
+    rows = [{"method": m["name"], "round": 0, "task": task, "exact_match": value} for m in methods
+            for task, value in start.items()] + rows
     tasks = sorted({x["task"] for x in rows})
     labels = {m["name"]: method_label(m["params"], varying_keys([x["params"] for x in methods])) for m in methods}
     text = _table(["method", "round", *(f"{task} exact match" for task in tasks), "problems with a pair",

@@ -119,7 +119,7 @@ def round_specs(cfg: Config) -> tuple[StageSpec, ...]:
         StageSpec(f"{shared}/{Stage.REFERENCE}", (f"{shared}/{Stage.PAIRS}",), ("model", "reference"), ("model",),
                   "pipeline.reference:compute_reference", resumable=True, kind=Stage.REFERENCE),
     ]
-    for method, changes in online_methods(cfg):
+    for index, (method, changes) in enumerate(online_methods(cfg)):
         changes = tuple(changes.items())
         for r in range(1, cfg.online.rounds + 1):
             this = f"{method}/round{r}" if method else f"round{r}"
@@ -145,9 +145,12 @@ def round_specs(cfg: Config) -> tuple[StageSpec, ...]:
                                    ("seed",) if last else ("model", "seed"), "pipeline.train.stage:train_policy",
                                    resumable=True, kind=Stage.TRAIN, changes=changes, model_from=last))
             if cfg.eval is not None:
+                # The starting model's benchmark scores are the same every round: the first eval gets them.
+                scores_start = cfg.eval.reference and index == 0 and r == 1
                 specs.append(StageSpec(f"{this}/{Stage.EVAL}", (reference, f"{this}/{Stage.TRAIN}"),
                                        ("model", "data", "reference", "eval"), ("model", "eval_sources"),
-                                       "pipeline.evaluate.stage:evaluate_policies", kind=Stage.EVAL, changes=changes))
+                                       "pipeline.evaluate.stage:evaluate_policies", kind=Stage.EVAL,
+                                       changes=changes + ((("eval.reference", False),) if not scores_start else ())))
     return tuple(specs)
 
 

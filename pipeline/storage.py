@@ -168,11 +168,16 @@ def clear_dir(uri: str) -> None:
     fs.delete_dir_contents(path, missing_dir_ok=True)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
 @contextmanager
-def local_copy(uri: str):
+def local_copy(uri: str, weights: bool = True):
     """A local folder with the files of `uri` for as long as the `with` lasts: the path itself when it is local (or
     a hub name the model libraries resolve themselves), else a copy in a temporary folder, removed on exit (a copy
-    per engine actor per model would otherwise fill a node's disk over a sweep)."""
+    per engine actor per model would otherwise fill a node's disk over a sweep). With `weights` False, only the
+    folder's own small files (config, tokenizer, index), not its weight files or subfolders: what a reader of the
+    weights in place needs beside them."""
     import tempfile
 
     import pyarrow.fs as pafs
@@ -182,7 +187,14 @@ def local_copy(uri: str):
         return
     fs, path = resolve(uri)
     with tempfile.TemporaryDirectory(prefix="dpop-model-") as local:
-        pafs.copy_files(path, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        if weights:
+            pafs.copy_files(path, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        else:
+            for file, _ in list_files(uri, recursive=False):
+                name = file.rsplit("/", 1)[-1]
+                if not name.endswith(WEIGHT_SUFFIXES):
+                    pafs.copy_files(f"{path}/{name}", os.path.join(local, name), source_filesystem=fs,
+                                    destination_filesystem=pafs.LocalFileSystem())
         yield local
 
 

@@ -243,3 +243,75 @@ def test_the_main_demo_end_to_end_across_nodes(multinode, tmp_path):
     assert "lambda_0-" in dpo and "lambda_50-" in dpop
     assert value[(dpop, "logps/chosen_change")] > value[(dpo, "logps/chosen_change")]
     assert value[(dpop, "logps/chosen_below_reference")] < value[(dpo, "logps/chosen_below_reference")]
+
+
+def test_online_rounds_across_nodes_on_s3(multinode, tmp_path):
+    """DPO and DPOP, two online rounds each from the demo's math model, with run.storage on S3 and each train stage
+    on two workers, one a node: each round-2 worker reads its own slices of the round-1 policy from S3. Round 1's
+    samples, pairs and reference pass are shared; each method's round 2 starts from its own round-1 policy; the
+    starting model is scored once; the report has a row per method and round. A new temperature makes round 1's
+    generation stale and everything after it; rerunning one round's train alone leaves its generation as it was."""
+    from pipeline.demo import build_math_model, write_problem_data
+
+    _, env = multinode
+    data = write_problem_data(str(tmp_path / "data"), n_train=16, n_eval=6)
+    config = tmp_path / "rounds.yaml"
+    config.write_text(yaml.safe_dump({
+        "run": {"name": "rounds", "storage": f"s3://{BUCKET}/multinode"},
+        "model": {"name_or_path": build_math_model(str(tmp_path / "math_model"))},
+        "data": {"sources": [{"path": data["problems"], "format": "math_corruption"}], "max_prompt_length": 64,
+                 "max_length": 160, "eval_fraction": 0.0},
+        "reference": {"backend": "hf", "dtype": "float32", "use_gpu": False},
+        "train": {"batch_size": 4, "micro_batch_size": 2, "max_steps": 2, "num_workers": 2, "cpus_per_worker": 3,
+                  "use_gpu": False, "eval_every": 0, "checkpoint_every": 0, "warmup_steps": 0,
+                  "learning_rate": 1e-4},
+        "eval": {"pairs": False, "backend": "hf", "max_length": 256,
+                 "sources": [{"path": data["problems_test"], "task": "gsm8k", "num_fewshot": 0,
+                              "max_new_tokens": 48}]},
+        "online": {"rounds": 2, "prompts": [{"path": data["problems"]}], "samples_per_prompt": 4,
+                   "max_new_tokens": 48, "temperature": 1.0, "methods": [{"dpop_lambda": 0}, {"dpop_lambda": 50}]},
+    }))
+
+    def states(*overrides) -> dict:
+        status = subprocess.run([sys.executable, "-m", "pipeline", "status", str(config), *overrides], cwd=REPO,
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert status.returncode == 0, status.stderr[-3000:]
+        return {line.split()[0]: line.split()[1] for line in status.stdout.splitlines()[1:]
+                if "round" in line.split()[0]}
+
+    rounds = run(env, str(config))
+    assert rounds.returncode == 0, rounds.stdout[-3000:] + rounds.stderr[-3000:]
+    logs = rounds.stdout + rounds.stderr
+    assert logs.count("FSDP2 over 2 shard(s), on 2 node(s)") == 4  # every train stage: a worker a node
+    done = states()
+    assert set(done.values()) == {"done"} and len(done) == 3 + 2 * 7, done  # shared, then 2 methods x 7 stages
+    run_uri = f"s3://{BUCKET}/multinode/rounds"
+    manifest = lambda stage: storage.read_json(f"{run_uri}/{stage}/_manifest.json")
+    for method, dpop_lambda in (("dpo", 0.0), ("dpop", 50.0)):
+        assert manifest(f"{method}/round1/train")["inputs"].keys() == {"round1/reference"}
+        assert manifest(f"{method}/round1/train")["config"]["train"]["dpop_lambda"] == dpop_lambda
+        policy = manifest(f"{method}/round1/train")["model"]
+        assert policy.startswith(f"s3://{BUCKET}/") and storage.exists(f"{policy}/config.json")
+        assert manifest(f"{method}/round2/generate")["model_path"] == policy
+        # online.reference: previous, so round 2's reference is the method's round-1 policy
+        assert manifest(f"{method}/round2/reference")["model_path"] == policy
+        assert manifest(f"{method}/round2/train")["config"]["train"]["dpop_lambda"] == dpop_lambda
+    # The starting model's benchmark score: once, in the first method's round 1.
+    scored = {stage: [m["name"] for m in manifest(stage)["models"]]
+              for stage in ("dpo/round1/eval", "dpo/round2/eval", "dpop/round1/eval", "dpop/round2/eval")}
+    assert scored == {"dpo/round1/eval": ["reference", "train"], "dpo/round2/eval": ["train"],
+                      "dpop/round1/eval": ["train"], "dpop/round2/eval": ["train"]}
+    assert manifest("round1/generate")["sampling"]["temperature"] == 1.0 and manifest("round1/pairs")["rows"] > 0
+    report = storage.read_text(f"{run_uri}/report.md")
+    assert "## Online rounds" in report and storage.exists(f"{run_uri}/report/online_rounds.png")
+    assert report.count("| DPO (λ 0) |") == 2 and report.count("| DPOP (λ 50) |") == 2  # a row per round
+
+    stale = states("--set", "online.temperature=0.7")
+    assert set(stale.values()) == {"stale"}, stale
+    generated_at = manifest("round1/generate")["finished_at"]
+    again = run(env, str(config), "--stages", "dpop/round1/train", "--force", "dpop/round1/train")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert manifest("round1/generate")["finished_at"] == generated_at
+    after = states()
+    assert after["round1/generate"] == after["dpop/round1/train"] == after["dpo/round2/train"] == "done"
+    assert after["dpop/round1/eval"] == after["dpop/round2/generate"] == "stale"  # built on the old policy

@@ -224,7 +224,7 @@ def checkpoint_rank(rank: int, world: int, port: int, model_dir: str, folder: st
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    from pipeline.train.checkpoint import ObjectStoreReader
+    from pipeline.train.readers import ObjectStoreReader
 
     model, optimizer = trained_policy(rank, world, port, model_dir, None)
     model_state, optim_state = get_state_dict(model, optimizer)
@@ -282,6 +282,70 @@ def test_a_rank_resumes_from_its_own_slices_of_an_object_store_checkpoint(tmp_pa
         own, other = f"__{rank}_0.distcp", f"__{1 - rank}_0.distcp"
         assert bytes_read[own] > 0.9 * os.path.getsize(checkpoint / own)
         assert bytes_read.get(other, 0) <= unsharded.get(other, 0), bytes_read
+
+
+def load_from_store_rank(rank: int, world: int, port: int, model_dir: str, uri: str, folder: str, endpoint: str):
+    """Load the policy once from its local folder (DCP's HuggingFaceStorageReader) and once from the S3 copy
+    (SafetensorsObjectStoreReader, as a round-2 trainer loads round 1's policy); both shards must be equal."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from pipeline.train import readers
+    from pipeline.train.parallel import load_policy
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), AWS_ENDPOINT_URL=endpoint)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    bytes_read = {}
+    counting = readers.SafetensorsObjectStoreReader.read_data
+
+    def read_data(self, plan, planner):  # counts what this rank fetched (the reader keeps the count itself)
+        result = counting(self, plan, planner)
+        bytes_read.update(self.bytes_read)
+        return result
+
+    readers.SafetensorsObjectStoreReader.read_data = read_data
+    mesh = init_device_mesh("cpu", (world,))
+    local, _ = load_policy(model_dir, False, mesh, torch.device("cpu"), mixed_precision=False,
+                           activation_checkpointing=False)
+    remote, _ = load_policy(uri, False, mesh, torch.device("cpu"), mixed_precision=False,
+                            activation_checkpointing=False)
+    remote_state = remote.state_dict()
+    for name, value in local.state_dict().items():
+        assert value.dtype == torch.float32 and torch.equal(value.to_local(), remote_state[name].to_local()), name
+    with open(os.path.join(folder, f"bytes_read_rank{rank}.json"), "w") as f:
+        json.dump(bytes_read, f)
+    dist.destroy_process_group()
+
+
+def test_a_rank_loads_its_own_slices_of_a_policy_on_an_object_store(saved, tmp_path, monkeypatch):
+    """The bf16 policy saved above (several safetensors files), copied to the S3 stand-in and loaded by 2 ranks in
+    place: every shard equals the local load's (upcast to fp32 alike), and each rank fetches about half of every
+    file's bytes, never the whole file."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    model_dir = os.path.join(saved["bf16"], "model")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                           "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(key, value)
+        boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket=BUCKET)
+        s3 = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http")
+        pafs.copy_files(model_dir, f"{BUCKET}/policy", destination_filesystem=s3)
+        spawn(load_from_store_rank, model_dir, f"s3://{BUCKET}/policy", str(tmp_path), f"http://{host}:{port}")
+    finally:
+        server.stop()
+    files = {f: os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir) if f.endswith(".safetensors")}
+    assert len(files) > 2
+    reads = [json.load(open(tmp_path / f"bytes_read_rank{rank}.json")) for rank in range(2)]
+    for name, size in files.items():
+        # Each rank's rows of every tensor and the header: about half the file (the embedding and head split
+        # evenly, 1-D norms too), and together the file once, plus each rank's read of the header.
+        assert all(read[name] < 0.6 * size for read in reads), (name, size, reads)
+        assert reads[0][name] + reads[1][name] <= size + min(read[name] for read in reads), (name, size, reads)
 
 
 def lora_checkpoint_rank(rank: int, world: int, port: int, model_dir: str, folder: str):

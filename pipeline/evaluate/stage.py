@@ -43,9 +43,9 @@ class EvalScorer(EngineActor):
 
 
 def models_to_evaluate(cfg: Config, stage) -> tuple[list[Model], list[dict]]:
-    """The reference, then each policy eval.policies names; trials without a final model (stopped early, failed)
-    are listed as skipped."""
-    models = [Model("reference", cfg.model.name_or_path)]
+    """The reference (unless eval.reference is off), then each policy eval.policies names; trials without a final
+    model (stopped early, failed) are listed as skipped."""
+    models = [Model("reference", cfg.model.name_or_path)] if cfg.eval.reference else []
     skipped = []
     if Stage.TRAIN in stage.inputs:
         models.append(Model("train", stage.manifests[Stage.TRAIN]["model"],
@@ -81,7 +81,7 @@ def evaluate_policies(cfg: Config, stage) -> dict:
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.trust_remote_code)
     tasks, requests = build_tasks(cfg, stage.inputs[Stage.REFERENCE], tokenizer)
     models, skipped = models_to_evaluate(cfg, stage)
-    if len(models) == 1:
+    if all(model.params is None for model in models):
         raise ValueError("eval: no policy to evaluate: " + (f"no trial of tune finished with a model ({skipped})"
                                                             if skipped else "eval.policies found no model"))
     pair_request_ids = {r for t in tasks if t.kind == "pairs" for item in t.items for r in item["requests"]}

@@ -11,12 +11,11 @@ import io
 import json
 import os
 import tempfile
-from contextlib import contextmanager
 
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.filesystem import FileSystem
 
 from pipeline.train.metrics import say
+from pipeline.train.readers import ObjectStoreReader, read_bytes
 
 TRAINER_STATE = "trainer_state.json"
 
@@ -87,8 +86,8 @@ class CheckpointManager:
         dcp.load(state, storage_reader=reader)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=self.options)
-        trainer_state = json.loads(_read_bytes(source, f"{path}/{TRAINER_STATE}"))
-        rng = _read_bytes(source, f"{path}/rng_state_rank{self.rank}.pt")
+        trainer_state = json.loads(read_bytes(source, f"{path}/{TRAINER_STATE}"))
+        rng = read_bytes(source, f"{path}/rng_state_rank{self.rank}.pt")
         if rng is not None:  # absent when the worker count changed: a fresh seed is all that is left
             rng = torch.load(io.BytesIO(rng))
             if isinstance(rng, torch.Tensor):  # written before the CUDA state was kept beside the CPU's
@@ -107,49 +106,3 @@ class CheckpointManager:
             say(f"resuming from step {step} (epoch {trainer_state['epoch']}, {trainer_state['pairs_consumed']} "
                 f"pairs consumed)")
         return step
-
-
-class ObjectStoreReader(FileSystemReader):
-    """DCP's FileSystemReader reading a checkpoint in place on any pyarrow filesystem (an object store): each read
-    item is a ranged read of its own bytes, so a rank fetches its own slices and nothing else. `bytes_read` counts
-    them per file."""
-
-    def __init__(self, source, path: str):
-        super().__init__(path)
-        self.fs = _ArrowFiles(source)
-        self.path = path
-        self.bytes_read: dict[str, int] = {}
-
-    def read_data(self, plan, planner):
-        for item in plan.items:
-            info = self.storage_data[item.storage_index]
-            self.bytes_read[info.relative_path] = self.bytes_read.get(info.relative_path, 0) + info.length
-        return super().read_data(plan, planner)
-
-
-class _ArrowFiles(FileSystem):
-    """The file operations FileSystemReader needs, on a pyarrow filesystem: a seekable random-access file, whose
-    reads of a slice are ranged GETs on an object store."""
-
-    def __init__(self, source):
-        self.source = source
-
-    @contextmanager
-    def create_stream(self, path, mode: str):
-        with self.source.open_input_file(str(path)) as stream:
-            yield stream
-
-    def concat_path(self, path, suffix: str) -> str:
-        return f"{path}/{suffix}"
-
-    def init_path(self, path) -> str:
-        return str(path)
-
-
-def _read_bytes(source, path: str) -> bytes | None:
-    """A small file's bytes from a pyarrow filesystem; None when it is not there."""
-    try:
-        with source.open_input_stream(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        return None

@@ -103,8 +103,8 @@ def setup(cfg: Config) -> Worker:
                                      activation_checkpointing=t.activation_checkpointing, lora=t.lora,
                                      reshard_after_forward=t.reshard_after_forward,
                                      cpu_offload=t.cpu_offload)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.name_or_path,
-                                              trust_remote_code=remote_code)
+    with storage.local_copy(cfg.model.tokenizer or cfg.model.name_or_path, weights=False) as files:
+        tokenizer = AutoTokenizer.from_pretrained(files, trust_remote_code=remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # With LoRA only the adapters require grad: only they get gradients and AdamW state.
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -87,7 +87,8 @@ def load_policy(path: str, trust_remote_code: bool, mesh, device, mixed_precisio
 
     Every rank builds the model with its weights on the meta device (no memory; its non-persistent buffers, the
     rotary frequencies, computed for real), shards it (`parallelize`), allocates only its shard, and reads only
-    its own slices of each tensor from the model folder's safetensors files (DCP's HuggingFaceStorageReader). A 70B
+    its own slices of each tensor from the model folder's safetensors files (DCP's HuggingFaceStorageReader; on an
+    object store, such as the last online round's policy, `SafetensorsObjectStoreReader`'s ranged reads). A 70B
     policy on 32 GPUs is thus 1/32 of the weights per rank at load, never 280 GB of fp32 on one host. Weights load in
     the dtype training keeps: fp32 master weights (a bf16 checkpoint is upcast), or with LoRA and
     `mixed_precision` a bf16 frozen base; bf16 compute comes from FSDP2's mixed-precision policy. Dropout is off. With
@@ -103,7 +104,10 @@ def load_policy(path: str, trust_remote_code: bool, mesh, device, mixed_precisio
     from torch.distributed.tensor import distribute_tensor
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    from pipeline.train.readers import SafetensorsObjectStoreReader
+
+    with storage.local_copy(path, weights=False) as files:
+        config = AutoConfig.from_pretrained(files, trust_remote_code=trust_remote_code)
     # Full fine-tuning keeps fp32 master weights. LoRA under bf16 compute keeps its frozen base in bf16, the dtype
     # its forward uses anyway: half the bytes of the largest thing each rank holds (peft keeps the adapters fp32).
     base_dtype = torch.bfloat16 if lora and mixed_precision else torch.float32
@@ -125,7 +129,10 @@ def load_policy(path: str, trust_remote_code: bool, mesh, device, mixed_precisio
                 module._buffers[name] = buffers[full_name].to(device)
 
     state = get_model_state_dict(model)
-    in_files = set(_safetensors_keys(path))
+    reader = SafetensorsObjectStoreReader(path) if storage.is_remote(path) else HuggingFaceStorageReader(path)
+    in_files = set(reader.read_metadata().state_dict_metadata)
+    if not in_files:
+        raise ValueError(f"{path} holds no safetensors files: the trainer reads each rank's slices from them")
     aliases = _tied_aliases(model)
     to_read, adapters = {}, []
     for name, tensor in state.items():
@@ -136,7 +143,7 @@ def load_policy(path: str, trust_remote_code: bool, mesh, device, mixed_precisio
         elif name not in aliases:  # a tied head shares the embedding's tensor: it is filled with it
             raise ValueError(f"{path} has no weight {_hf_name(name)!r} (its safetensors files hold "
                              f"{len(in_files)} tensors)")
-    dcp.load(to_read, storage_reader=HuggingFaceStorageReader(path))
+    dcp.load(to_read, storage_reader=reader)
     with torch.no_grad():
         for name in adapters:  # in state order, the same on every rank, so the same draws
             sharded = state[name]
@@ -157,26 +164,6 @@ def _tied_aliases(model) -> set[str]:
 def _hf_name(name: str) -> str:
     """A parameter's name in the model folder's files: peft's wrapping prefixes and `base_layer` removed."""
     return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-
-
-def _safetensors_keys(path: str) -> list[str]:
-    """The tensor names of a model folder's safetensors files, from their headers (the index, or the one file)."""
-    import glob
-
-    from safetensors import safe_open
-
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            return list(json.load(f)["weight_map"])
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-        raise ValueError(f"{path} holds no safetensors files: the trainer reads each rank's slices from them")
-    keys = []
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            keys += list(f.keys())
-    return keys
 
 
 MAX_FILE_BYTES = 5 * 2**30
