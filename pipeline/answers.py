@@ -1,9 +1,14 @@
-"""Final answers of math solutions, read one way everywhere: the eval stage's GSM8K exact match and the verifier
-that labels the policy's own samples in online rounds. The rules are lm-evaluation-harness's gsm8k filters."""
+"""Final answers, read one way everywhere: the eval stage's GSM8K exact match and the verifier that labels the
+policy's own samples in online rounds (math and multiple choice). The math rules are lm-evaluation-harness's gsm8k
+filters."""
 import re
 
 STRICT_ANSWER = re.compile(r"#### (\-?[0-9\.\,]+)")
 FLEXIBLE_ANSWER = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+# A multiple-choice answer: '#### B' as the math solutions end, else a completion that opens with the letter alone
+# (' B', ' (B) since', ' B. the text'), as a model answers right after "Answer:"; not 'A lot' or "I'm".
+MARKED_CHOICE = re.compile(r"####\s*\(?([A-Z])\)?(?![A-Za-z])")
+LEADING_CHOICE = re.compile(r"\s*\(?([A-Z])(?:\)|(?=[.:,\n]|$))")
 
 
 def normalize_number(text: str) -> str:
@@ -24,3 +29,12 @@ def flexible_answer(text: str) -> str | None:
     if not matches:
         return None
     return normalize_number(next(group for group in matches[-1] if group))
+
+
+def choice_answer(text: str) -> str | None:
+    """The letter a multiple-choice completion answers with: the last '#### X', else a leading lone letter."""
+    marked = MARKED_CHOICE.findall(text)
+    if marked:
+        return marked[-1]
+    leading = LEADING_CHOICE.match(text)
+    return leading.group(1) if leading else None

@@ -428,8 +428,12 @@ class EvalSection(Section):
 class PromptSourceSection(Section):
     path: str
     """A local .jsonl/.json/.parquet file or folder, an s3:// or gs:// URI, or `hf:NAME`: read as data.sources are.
-    Each row is a problem with a gold answer: `question`, and `answer` either a worked solution ending '#### N'
-    (GSM8K) or the number itself. A row without a readable gold answer is dropped as `no_gold_answer`."""
+    Each row is a problem with a gold answer, in the layout `task` names."""
+    task: Literal["gsm8k", "multiple_choice"] = "gsm8k"
+    """`gsm8k`: `question`, and `answer` either a worked solution ending '#### N' or the number itself; a row
+    without a readable one is dropped as `no_gold_answer`. `multiple_choice`: any layout eval's multiple-choice task
+    reads (ARC, HellaSwag, or question, choices and answer through `fields`); the choices are shown lettered A, B,
+    ... and the gold answer is the right one's letter."""
     name: str | None = None
     """Label of the prompts in the manifest and report; unset: the file name without extension."""
     fields: dict[str, str] = Field(default_factory=dict)
@@ -440,8 +444,10 @@ class PromptSourceSection(Section):
     """Hugging Face dataset configuration name (`hf:` paths only)."""
     limit: int | None = Field(None, gt=0)
     """Read at most this many problems."""
-    prompt_template: str = "Question: {question}\nAnswer:"
-    """The prompt made from `{question}`; the policy's completion follows it."""
+    prompt_template: str | None = None
+    """The prompt made from `{question}` (and, for multiple_choice, `{choices}`: one 'A. text' line a choice); the
+    policy's completion follows it. Unset: "Question: {question}\nAnswer:", or for multiple_choice
+    "Question: {question}\n{choices}\nAnswer:"."""
 
 
 class OnlineSection(Section):
@@ -683,18 +689,20 @@ def _check_online(online: OnlineSection) -> None:
                           f"{2 * online.pairs_per_prompt} samples (each in one pair), but "
                           f"online.samples_per_prompt is {online.samples_per_prompt}")
     for i, source in enumerate(online.prompts):
-        _check_prompt_template(source.prompt_template, f"online.prompts[{i}].prompt_template")
+        _check_prompt_template(source.prompt_template, f"online.prompts[{i}].prompt_template",
+                               ("question", "choices") if source.task == "multiple_choice" else ("question",))
 
 
-def _check_prompt_template(template: str | None, key: str) -> None:
+def _check_prompt_template(template: str | None, key: str, placeholders: tuple[str, ...] = ("question",)) -> None:
     if template is None:
         return
     try:
-        placeholders = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        found = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError as e:  # an unmatched brace
         raise ConfigError(f"{key}: not a valid template ({e}): {template!r}") from None
-    if placeholders != {"question"}:
-        raise ConfigError(f"{key}: must use {{question}} and no other placeholder, got {template!r}")
+    if found != set(placeholders):
+        raise ConfigError(f"{key}: must use {' and '.join('{' + p + '}' for p in placeholders)} and no other "
+                          f"placeholder, got {template!r}")
 
 
 def source_name(source: "SourceSection | EvalSourceSection") -> str:

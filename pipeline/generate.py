@@ -1,10 +1,10 @@
 """`generate` stage of an online round (Ray Data actor pool): `online.samples_per_prompt` completions of each problem
 from the round's policy, on the engines `reference` and `eval` use.
 
-Reads `online.prompts` (a question and a gold answer a row) and writes one row a problem: `prompt_id` (stable hash),
-`source`, `question`, `gold`, `prompt`, `prompt_ids`, `completions` (k strings). A row without a question or a
-readable gold answer, or whose prompt leaves no room for `max_new_tokens` within `data.max_length`, is dropped and
-counted. The sampling settings, the seed and the generation throughput go in the manifest.
+Reads `online.prompts` (a question and a gold answer a row: a number, or a multiple-choice letter) and writes one
+row a problem: `prompt_id` (stable hash), `source`, `task`, `question`, `gold`, `prompt`, `prompt_ids`, `completions`
+(k strings). A row without a question or a readable gold answer, or whose prompt leaves no room for
+`max_new_tokens` within `data.max_length`, is dropped and counted. The sampling settings, the seed and the generation throughput go in the manifest.
 """
 import hashlib
 import time
@@ -12,10 +12,10 @@ from collections import Counter
 
 from pipeline import storage
 from pipeline.answers import normalize_number, strict_answer
-from pipeline.config import Config, source_name
+from pipeline.config import Config, PromptSourceSection, source_name
 from pipeline.engines import EngineActor, engine_actor
 from pipeline.pairs import checked_tokenizer, read_source
-from pipeline.sources import Drop, parse_record
+from pipeline.sources import QA_TEMPLATE, Drop, answer_index, multiple_choice_fields, parse_record
 from pipeline.vocab import StageFailed
 
 DROP_EXAMPLES_KEPT = 3
@@ -33,20 +33,43 @@ def gold_answer(answer) -> str:
     raise Drop("no_gold_answer", f"answer {str(answer)[:80]!r} is neither a number nor a solution ending '#### N'")
 
 
+MULTIPLE_CHOICE_TEMPLATE = "Question: {question}\n{choices}\nAnswer:"
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def problem_prompt(row: dict, source: PromptSourceSection) -> tuple[str, str, str]:
+    """(question, prompt, gold answer) of one row: a math problem and its final number, or a multiple-choice question
+    with its choices lettered A, B, ... and the right one's letter."""
+    if source.task == "multiple_choice":
+        question, choices, answer, labels, _ = multiple_choice_fields(row, source.fields)
+        if not isinstance(question, str) or not question.strip():
+            raise Drop("missing_field", "no question text")
+        if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices) or \
+                not 2 <= len(choices) <= len(LETTERS):
+            raise Drop("too_few_choices", f"need 2 to {len(LETTERS)} text choices, got {choices!r}"[:200])
+        try:
+            gold = LETTERS[answer_index(answer, choices, labels)]
+        except Drop as drop:
+            raise Drop("no_gold_answer", drop.detail) from None
+        lettered = "\n".join(f"{letter}. {choice.strip()}" for letter, choice in zip(LETTERS, choices))
+        template = source.prompt_template or MULTIPLE_CHOICE_TEMPLATE
+        return question.strip(), template.format(question=question.strip(), choices=lettered), gold
+    question_key = source.fields.get("question", "question")
+    question = row.get(question_key)
+    if not isinstance(question, str) or not question.strip():
+        raise Drop("missing_field", f"no {question_key!r} text")
+    gold = gold_answer(row.get(source.fields.get("answer", "answer")))
+    return question.strip(), (source.prompt_template or QA_TEMPLATE).format(question=question.strip()), gold
+
+
 def read_problems(cfg: Config, tokenizer) -> tuple[list[dict], Counter, dict]:
     """Every online.prompts row as a problem to sample, or a counted drop with an example of each reason."""
     online, rows, dropped, examples = cfg.online, [], Counter(), {}
     for source in online.prompts:
         name = source_name(source)
-        question_key, answer_key = source.fields.get("question", "question"), source.fields.get("answer", "answer")
         for raw in read_source(source, source.limit).take_all():
             try:
-                row = parse_record(raw["record"], raw["read_error"])
-                question = row.get(question_key)
-                if not isinstance(question, str) or not question.strip():
-                    raise Drop("missing_field", f"no {question_key!r} text")
-                gold = gold_answer(row.get(answer_key))
-                prompt = source.prompt_template.format(question=question.strip())
+                question, prompt, gold = problem_prompt(parse_record(raw["record"], raw["read_error"]), source)
                 prompt_ids = tokenizer(prompt)["input_ids"]
                 if len(prompt_ids) + online.max_new_tokens > cfg.data.max_length:
                     raise Drop("too_long", f"{len(prompt_ids)} prompt tokens + online.max_new_tokens "
@@ -56,7 +79,7 @@ def read_problems(cfg: Config, tokenizer) -> tuple[list[dict], Counter, dict]:
                 examples.setdefault(drop.reason, []).append(f"{raw['origin']}: {drop.detail}"[:300])
                 continue
             rows.append({"prompt_id": hashlib.sha256(f"{name}\x00{prompt}".encode()).hexdigest()[:16],
-                         "source": name, "question": question.strip(), "gold": gold, "prompt": prompt,
+                         "source": name, "task": source.task, "question": question, "gold": gold, "prompt": prompt,
                          "prompt_ids": prompt_ids})
     return rows, dropped, {reason: found[:DROP_EXAMPLES_KEPT] for reason, found in examples.items()}
 

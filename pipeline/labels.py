@@ -4,17 +4,19 @@ verifier (its final answer against the gold one) or a reward model, and the pref
 Every prompt ends in pairs or in a drop with its reason, and every completion that cannot be scored is counted."""
 from collections import Counter
 
-from pipeline.answers import normalize_number, strict_answer
+from pipeline.answers import choice_answer, normalize_number, strict_answer
 
 
-def verifier_scores(completions: list[str], gold: str) -> tuple[list[float | None], Counter]:
-    """1.0 for a completion whose final answer ('#### N', read as eval's GSM8K exact match reads it) is the gold
-    answer, 0.0 for another answer, None (counted as `no_final_answer`) for none: a completion that never
-    finished its solution says nothing about whether its reasoning was right."""
-    gold = normalize_number(gold)
+def verifier_scores(completions: list[str], gold: str, task: str = "gsm8k") -> tuple[list[float | None], Counter]:
+    """1.0 for a completion whose final answer is the gold answer, 0.0 for another answer, None (counted as
+    `no_final_answer`) for none: a completion that never finished its solution says nothing about whether its
+    reasoning was right. The final answer of `gsm8k` is '#### N', read as eval's GSM8K exact match reads it; of
+    `multiple_choice`, a letter (answers.choice_answer)."""
+    read = choice_answer if task == "multiple_choice" else strict_answer
+    gold = gold if task == "multiple_choice" else normalize_number(gold)
     scores, counts = [], Counter()
     for completion in completions:
-        answer = strict_answer(completion)
+        answer = read(completion)
         if answer is None:
             counts["no_final_answer"] += 1
         scores.append(None if answer is None else float(answer == gold))

@@ -47,7 +47,7 @@ def pair_samples(cfg: Config, stage) -> dict:
     tokenizer = checked_tokenizer(cfg)
     problems = storage.read_parquet(stage.inputs["generate"]).to_pylist()
     if online.labeller == "verifier":
-        labelled = [verifier_scores(problem["completions"], problem["gold"]) for problem in problems]
+        labelled = [verifier_scores(problem["completions"], problem["gold"], problem["task"]) for problem in problems]
         scores = [found for found, _ in labelled]
         completions_unscored = sum((counts for _, counts in labelled), Counter())
     else:

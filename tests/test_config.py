@@ -124,6 +124,9 @@ def test_exponent_floats_without_a_dot_are_floats(tmp_path, base):
      "online.samples_per_prompt: must be >= 2, got 1"),
     (lambda r: r.update(online={"prompts": [{"path": r["data"]["sources"][0]["path"], "prompt_template": "{q}"}]}),
      "online.prompts[0].prompt_template: must use {question} and no other placeholder"),
+    (lambda r: r.update(online={"prompts": [{"path": r["data"]["sources"][0]["path"], "task": "multiple_choice",
+                                             "prompt_template": "Q: {question}\nA:"}]}),
+     "online.prompts[0].prompt_template: must use {question} and {choices} and no other placeholder"),
     (lambda r: r.update(online={"prompts": [{"path": r["data"]["sources"][0]["path"]}], "reference": "first"}),
      "online.reference: 'first' is not one of 'initial', 'previous'"),
 ])

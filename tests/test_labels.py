@@ -13,6 +13,14 @@ def test_the_verifier_scores_final_answers_and_counts_completions_without_one():
     assert verifier_scores(["#### 1,000"], "1000")[0] == [1.0]  # gold and answer normalised alike
 
 
+def test_the_verifier_reads_a_multiple_choice_letter_marked_or_leading():
+    completions = [" B", " (B) since whales breathe air", " B. whale", " #### B", " it is #### C", " A lot of water",
+                   "I'm not sure", " B because"]
+    scores, counts = verifier_scores(completions, "B", "multiple_choice")
+    assert scores == [1.0, 1.0, 1.0, 1.0, 0.0, None, None, None]
+    assert counts == Counter(no_final_answer=3)
+
+
 def test_pairs_put_the_best_against_the_worst_and_each_completion_in_one_pair():
     completions = ["a", "b", "c", "d", "e"]
     assert ranked_pairs(completions, [0.1, 0.9, 0.5, None, 0.3], 1) == ([("b", "a")], None)

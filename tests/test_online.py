@@ -63,8 +63,8 @@ def generated(tmp_path, problems: list[dict]) -> str:
     from pipeline import storage
 
     folder = tmp_path / "generate"
-    rows = [{"prompt_id": f"p{i}", "source": "problems", "question": f"q{i}", "prompt": f"Question: q{i}\nAnswer:",
-             "prompt_ids": [5, 6, 7], **problem} for i, problem in enumerate(problems)]
+    rows = [{"prompt_id": f"p{i}", "source": "problems", "task": "gsm8k", "question": f"q{i}",
+             "prompt": f"Question: q{i}\nAnswer:", "prompt_ids": [5, 6, 7], **problem} for i, problem in enumerate(problems)]
     storage.write_parquet(pa.Table.from_pylist(rows), str(folder / "part.parquet"))
     return str(folder)
 
@@ -92,6 +92,42 @@ def test_verified_samples_become_pairs_and_every_problem_without_one_is_counted(
     assert manifest["completions_unscored"] == {"no_final_answer": 4}
     assert all(p["chosen_ids"][-1] == p["rejected_ids"][-1] for p in pairs) and all(p["split"] == "train"
                                                                                      for p in pairs)
+
+
+MULTIPLE_CHOICE = [
+    {"question": "Which is a mammal?", "choices": {"text": ["trout", "whale", "shark"], "label": ["A", "B", "C"]},
+     "answerKey": "B"},  # Hugging Face ai2_arc
+    {"question": "What is 2 plus 2?", "choices": ["3", "4"], "answer": 1},  # question, choices, answer index
+    {"question": "Pick one", "choices": {"text": ["x", "y"], "label": ["A", "B"]}, "answerKey": "E"},
+    {"question": "Only one", "choices": ["x"], "answer": 0},
+]
+
+
+def test_multiple_choice_prompts_letter_their_choices_and_the_verifier_reads_the_letter(tmp_path, tiny_model,
+                                                                                         ray_cluster):
+    from pipeline.generate import read_problems
+    from pipeline.pairs import load_tokenizer
+    from pipeline.runner import StageContext
+    from pipeline.sampled_pairs import pair_samples
+
+    cfg = online_config(tmp_path, tiny_model, prompts=[
+        {"path": str(write_jsonl(tmp_path / "arc.jsonl", MULTIPLE_CHOICE)), "task": "multiple_choice"}])
+    cfg.data.max_length = 128  # the lettered choices are longer than the math questions
+    problems, dropped, examples = read_problems(cfg, load_tokenizer(tiny_model, False))  # (in any order)
+    assert sorted(p["prompt"] for p in problems) == ["Question: What is 2 plus 2?\nA. 3\nB. 4\nAnswer:",
+                                                     "Question: Which is a mammal?\nA. trout\nB. whale\nC. shark\nAnswer:"]
+    assert [(p["gold"], p["task"]) for p in problems] == [("B", "multiple_choice")] * 2
+    assert dropped == {"no_gold_answer": 1, "too_few_choices": 1} and "'E'" in examples["no_gold_answer"][0]
+
+    cfg.data.eval_fraction = 0.0
+    inputs = {"generate": generated(tmp_path, [
+        {"task": "multiple_choice", "gold": "B", "completions": [" A. trout", " B", " because", " #### B"]},
+        {"task": "multiple_choice", "gold": "A", "completions": [" A", " (A) since", " A.", " #### A"]},
+    ])}
+    manifest = pair_samples(cfg, StageContext(out=str(tmp_path / "pairs"), inputs=inputs, fingerprint=""))
+    pairs = pq.read_table(tmp_path / "pairs").to_pylist()
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [(" B<|im_end|>", " A. trout<|im_end|>")]
+    assert manifest["dropped"] == {"all_correct": 1} and manifest["completions_unscored"] == {"no_final_answer": 1}
 
 
 def test_reward_model_labels_pair_the_highest_against_the_lowest_reward(tmp_path, tiny_model, ray_cluster):
