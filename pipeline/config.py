@@ -485,6 +485,11 @@ class OnlineSection(Section):
     train. Round 1's samples, pairs and reference pass are shared: they depend only on the start. Each method's
     stages are `{method}/round{r}/...` (its name in lower case: dpo, dpo_nll, dpop). Unset: one loop, with train's
     method, in `round{r}/...`."""
+    concurrent_methods: int = execution_only(1, ge=1)
+    """How many of `methods` run their rounds at once, each method's loop one Ray Tune trial, after round 1's shared
+    stages. Each trial's stages ask for what train and reference set (train.num_workers workers, reference.num_actors
+    engines), so the cluster must hold that many at once; a method that fails leaves the others running. 1: the
+    methods one after another, every stage with the whole cluster."""
     reference: Literal["initial", "previous"] = "previous"
     """The reference of each round's DPO term. `previous` (Pang et al.'s choice): the last round's policy, so each
     round's KL anchor moves with the policy and the reference pass scores the pairs with the model that sampled

@@ -11,6 +11,7 @@ import importlib
 import importlib.metadata
 import os
 import platform
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -438,7 +439,55 @@ def run_stages(cfg: Config, only: list[str] | None = None, force: list[str] = ()
     with RunLock(storage.join(cfg.run.storage, cfg.run.name)):
         init_ray(cfg.run.ray_address, cfg.run.num_cpus)
         check_gpus(cfg, [stage for stage, _ in steps])
+        if cfg.online and cfg.online.concurrent_methods > 1:
+            return _run_methods_at_once(cfg, steps, expected_parts)
         return _run_steps(cfg, steps, expected_parts)
+
+
+METHODS_TUNE_FOLDER = "online_methods"
+"""The Ray Tune experiment of methods run at once (online.concurrent_methods), in the run folder."""
+
+
+def _run_methods_at_once(cfg: Config, steps: list[tuple[StageSpec, str]], expected_parts: dict) -> dict[str, dict]:
+    """The shared steps (round 1's generate, pairs, reference) in the driver, then each online method's own steps as
+    one Ray Tune trial, online.concurrent_methods at a time. A trial runs its stages as the driver would
+    (`_run_steps`: manifests, failures on record); one that fails is reported once every trial has ended."""
+    from ray import tune
+
+    from pipeline.tune import TRIAL_DRIVER_CPUS
+
+    by_method: dict[str, list] = {}
+    for stage, reason in steps:  # `{method}/round{r}/{kind}`; the shared stages have no method part
+        by_method.setdefault(stage.name.split("/")[0] if stage.name.count("/") == 2 else "", []).append((stage, reason))
+    manifests = _run_steps(cfg, by_method.pop("", []), expected_parts)
+    if len(by_method) < 2:  # nothing to run side by side
+        for method_steps in by_method.values():
+            manifests.update(_run_steps(cfg, method_steps, expected_parts))
+        return manifests
+
+    def run_method(config: dict) -> None:
+        # Tune starts a trial in its own folder; the config's relative paths are the job's working directory's, as
+        # for every other Ray worker.
+        os.chdir(os.environ.get("TUNE_ORIG_WORKING_DIR", os.getcwd()))
+        done = _run_steps(cfg, by_method[config["method"]], expected_parts)
+        tune.report({"stages_done": len(done)})
+
+    print(f"[dpop] online: {len(by_method)} methods ({', '.join(by_method)}), {cfg.online.concurrent_methods} at "
+          f"a time as Ray Tune trials", flush=True)
+    fs, path = storage.resolve(storage.join(cfg.run.storage, cfg.run.name))
+    tuner = tune.Tuner(
+        tune.with_resources(run_method, {"cpu": TRIAL_DRIVER_CPUS}),
+        param_space={"method": tune.grid_search(list(by_method))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.online.concurrent_methods),
+        run_config=tune.RunConfig(name=METHODS_TUNE_FOLDER, storage_path=path, storage_filesystem=fs, verbose=1),
+    )
+    failed = [(result.config["method"], result.error) for result in tuner.fit() if result.error]
+    for method, error in failed:
+        print(f"[dpop] online: method {method} failed: {one_line(error)}", file=sys.stderr, flush=True)
+    if failed:
+        raise StageError(f"online method {failed[0][0]} failed: {one_line(failed[0][1])}"
+                         + (f" (and {len(failed) - 1} other method(s))" if len(failed) > 1 else ""))
+    return manifests
 
 
 def _run_steps(cfg: Config, steps: list[tuple[StageSpec, str]], expected_parts: dict) -> dict[str, dict]:

@@ -245,12 +245,15 @@ def test_the_main_demo_end_to_end_across_nodes(multinode, tmp_path):
     assert value[(dpop, "logps/chosen_below_reference")] < value[(dpo, "logps/chosen_below_reference")]
 
 
-def test_online_rounds_across_nodes_on_s3(multinode, tmp_path):
-    """DPO and DPOP, two online rounds each from the demo's math model, with run.storage on S3 and each train stage
-    on two workers, one a node: each round-2 worker reads its own slices of the round-1 policy from S3. Round 1's
-    samples, pairs and reference pass are shared; each method's round 2 starts from its own round-1 policy; the
-    starting model is scored once; the report has a row per method and round. A new temperature makes round 1's
+def test_online_rounds_across_nodes_on_s3(multinode, tmp_path, capsys):
+    """DPO and DPOP, two online rounds each from the demo's math model, each method's loop a Ray Tune trial
+    (online.concurrent_methods), with run.storage on S3 and each train stage on two workers, one a node (2.5 of its
+    3 CPUs: a trial's own process takes 0.1): each round-2 worker reads its own slices of the round-1 policy from
+    S3. Round 1's samples, pairs and reference pass
+    are shared; each method's round 2 starts from its own round-1 policy; the starting model is scored once; the
+    report has a row per method and round. A new temperature makes round 1's
     generation stale and everything after it; rerunning one round's train alone leaves its generation as it was."""
+    from pipeline.cli import main
     from pipeline.demo import build_math_model, write_problem_data
 
     _, env = multinode
@@ -262,30 +265,33 @@ def test_online_rounds_across_nodes_on_s3(multinode, tmp_path):
         "data": {"sources": [{"path": data["problems"], "format": "math_corruption"}], "max_prompt_length": 64,
                  "max_length": 160, "eval_fraction": 0.0},
         "reference": {"backend": "hf", "dtype": "float32", "use_gpu": False},
-        "train": {"batch_size": 4, "micro_batch_size": 2, "max_steps": 2, "num_workers": 2, "cpus_per_worker": 3,
+        "train": {"batch_size": 4, "micro_batch_size": 2, "max_steps": 2, "num_workers": 2, "cpus_per_worker": 2.5,
                   "use_gpu": False, "eval_every": 0, "checkpoint_every": 0, "warmup_steps": 0,
                   "learning_rate": 1e-4},
         "eval": {"pairs": False, "backend": "hf", "max_length": 256,
                  "sources": [{"path": data["problems_test"], "task": "gsm8k", "num_fewshot": 0,
                               "max_new_tokens": 48}]},
         "online": {"rounds": 2, "prompts": [{"path": data["problems"]}], "samples_per_prompt": 4,
-                   "max_new_tokens": 48, "temperature": 1.0, "methods": [{"dpop_lambda": 0}, {"dpop_lambda": 50}]},
+                   "max_new_tokens": 48, "temperature": 1.0, "methods": [{"dpop_lambda": 0}, {"dpop_lambda": 50}],
+                   "concurrent_methods": 2},
     }))
 
-    def states(*overrides) -> dict:
-        status = subprocess.run([sys.executable, "-m", "pipeline", "status", str(config), *overrides], cwd=REPO,
-                                env=env, capture_output=True, text=True, timeout=300)
-        assert status.returncode == 0, status.stderr[-3000:]
-        return {line.split()[0]: line.split()[1] for line in status.stdout.splitlines()[1:]
+    def states(*overrides) -> dict:  # (status reads the manifests on S3 alone: no cluster needed)
+        capsys.readouterr()
+        assert main(["status", str(config), *overrides]) == 0
+        return {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]
                 if "round" in line.split()[0]}
 
     rounds = run(env, str(config))
     assert rounds.returncode == 0, rounds.stdout[-3000:] + rounds.stderr[-3000:]
     logs = rounds.stdout + rounds.stderr
-    assert logs.count("FSDP2 over 2 shard(s), on 2 node(s)") == 4  # every train stage: a worker a node
+    assert "online: 2 methods (dpo, dpop), 2 at a time as Ray Tune trials" in logs
+    # Every train stage: a worker a node (the trials' lines may be folded into one by Ray's log dedup).
+    assert "FSDP2 over 2 shard(s), on 2 node(s)" in logs and "on 1 node(s)" not in logs
     done = states()
     assert set(done.values()) == {"done"} and len(done) == 3 + 2 * 7, done  # shared, then 2 methods x 7 stages
     run_uri = f"s3://{BUCKET}/multinode/rounds"
+    assert storage.list_files(f"{run_uri}/online_methods")  # the trials' Tune experiment, on S3 too
     manifest = lambda stage: storage.read_json(f"{run_uri}/{stage}/_manifest.json")
     for method, dpop_lambda in (("dpo", 0.0), ("dpop", 50.0)):
         assert manifest(f"{method}/round1/train")["inputs"].keys() == {"round1/reference"}
