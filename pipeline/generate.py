@@ -4,7 +4,8 @@ from the round's policy, on the engines `reference` and `eval` use.
 Reads `online.prompts` (a question and a gold answer a row: a number, or a multiple-choice letter) and writes one
 row a problem: `prompt_id` (stable hash), `source`, `task`, `question`, `gold`, `prompt`, `prompt_ids`, `completions`
 (k strings). A row without a question or a readable gold answer, or whose prompt leaves no room for
-`max_new_tokens` within `data.max_length`, is dropped and counted. The sampling settings, the seed and the generation throughput go in the manifest.
+`max_new_tokens` within `data.max_length`, is dropped and counted. The sampling settings, the seed and the
+generation throughput go in the manifest.
 """
 import hashlib
 import time
