@@ -21,7 +21,6 @@ import pyarrow.fs as pafs
 from pipeline import storage
 from pipeline.config import Config
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".onnx")
 FULL_DIGEST_BYTES = 256 * 2**20
 DIGEST_EDGE_BYTES = 8 * 2**20
 CHUNK_BYTES = 4 * 2**20
@@ -151,7 +150,7 @@ def model_identity(name_or_path: str, weights: bool = True) -> dict:
     for relative, uri, info in _files(folder):
         if relative.startswith(".") or "/." in relative:  # .cache/, .git/: not what the model loads
             continue
-        if relative.lower().endswith(WEIGHT_SUFFIXES):
+        if relative.lower().endswith(storage.WEIGHT_SUFFIXES):
             if weights:
                 files[relative] = [info.size, info.mtime_ns]
         else:

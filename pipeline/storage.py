@@ -168,7 +168,9 @@ def clear_dir(uri: str) -> None:
     fs.delete_dir_contents(path, missing_dir_ok=True)
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".onnx")
+"""A model folder's weight files (any framework's): what a model fingerprint digests by size and time alone, and what
+a copy of the folder's small files leaves out."""
 
 
 @contextmanager
@@ -192,7 +194,7 @@ def local_copy(uri: str, weights: bool = True):
         else:
             for file, _ in list_files(uri, recursive=False):
                 name = file.rsplit("/", 1)[-1]
-                if not name.endswith(WEIGHT_SUFFIXES):
+                if not name.lower().endswith(WEIGHT_SUFFIXES):
                     pafs.copy_files(f"{path}/{name}", os.path.join(local, name), source_filesystem=fs,
                                     destination_filesystem=pafs.LocalFileSystem())
         yield local
