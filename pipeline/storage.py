@@ -180,13 +180,13 @@ def local_copy(uri: str, weights: bool = True):
     per engine actor per model would otherwise fill a node's disk over a sweep). With `weights` False, only the
     folder's own small files (config, tokenizer, index), not its weight files or subfolders: what a reader of the
     weights in place needs beside them."""
+    if not is_remote(uri):  # (before pyarrow: the trainer also runs where only torch is, jobs/gpu_check.py)
+        yield uri
+        return
     import tempfile
 
     import pyarrow.fs as pafs
 
-    if not is_remote(uri):
-        yield uri
-        return
     fs, path = resolve(uri)
     with tempfile.TemporaryDirectory(prefix="dpop-model-") as local:
         if weights:
