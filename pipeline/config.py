@@ -894,6 +894,10 @@ def config_warnings(cfg: Config) -> list[str]:
                         f"{cfg.train.use_gpu}): the policy will not score pairs "
                         f"as the reference did at step 0, and DPOP's one-sided penalty turns that gap into a push. "
                         f"Use the same precision for both.")
+    methods = len(cfg.online.methods or []) if cfg.online else 0
+    if cfg.online and cfg.online.concurrent_methods > 1 and methods < 2:
+        warnings.append(f"online.concurrent_methods: {cfg.online.concurrent_methods}, but online.methods lists "
+                        f"{methods} method(s): there is nothing to run at once, and the rounds run in the driver.")
     return warnings
 
 

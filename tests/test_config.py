@@ -228,6 +228,17 @@ def test_precision_warnings(tmp_path, base):
     assert "bfloat16 differs from the training precision float32" in mismatch and "penalty" in mismatch
 
 
+def test_concurrent_methods_without_methods_is_a_warning(tmp_path, base):
+    from pipeline.config import config_warnings
+
+    precision = ["reference.dtype=float32", "train.use_gpu=false"]  # (no precision warning)
+    base["online"] = {"prompts": [{"path": base["data"]["sources"][0]["path"]}], "concurrent_methods": 3}
+    (warning,) = config_warnings(load(tmp_path, base, precision))
+    assert "online.concurrent_methods: 3, but online.methods lists 0 method(s)" in warning
+    base["online"]["methods"] = [{"dpop_lambda": 0}, {"dpop_lambda": 50}]
+    assert config_warnings(load(tmp_path, base, precision)) == []
+
+
 def test_a_tracker_without_its_package_is_a_config_error(tmp_path, base):
     import importlib.util
 
