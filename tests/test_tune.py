@@ -49,11 +49,15 @@ def test_two_by_two_sweep_shares_one_reference_pass(sweep):
     assert sorted(zip(trials.beta, trials.dpop_lambda)) == [(0.1, 0.0), (0.1, 50.0), (0.5, 0.0), (0.5, 50.0)]
     assert set(trials.status) <= {"finished", "stopped_early"} and (trials.status == "finished").any()
     assert trials.final_metric.notna().all()
-    # Two trials ran at once: some two trials' step timestamps overlap.
+    # Two trials ran at once: some two trials' lives overlap, each from its workers' start (timings.json, written
+    # by a trial that ran to its end; else its first step) to its last step. (Step times alone need not overlap on
+    # a loaded machine: one trial's workers can take longer to start than the other's steps.)
     spans = []
     for folder in (run_dir / "tune" / "trials").iterdir():
         times = [json.loads(line)["time"] for line in open(folder / "metrics.jsonl")]
-        spans.append((min(times), max(times)))
+        timings = folder / "timings.json"
+        started = json.loads(timings.read_text())["process_started"] if timings.exists() else min(times)
+        spans.append((started, max(times)))
     assert any(a0 < b1 and b0 < a1 for i, (a0, a1) in enumerate(spans) for b0, b1 in spans[i + 1:])
     for name in ("heatmap.png", "logps_chosen.png"):
         assert (run_dir / "tune" / name).stat().st_size > 10_000
