@@ -252,10 +252,9 @@ def checkpoint_rank(rank: int, world: int, port: int, model_dir: str, folder: st
 BUCKET = "checkpoints"
 
 
-def test_a_rank_resumes_from_its_own_slices_of_an_object_store_checkpoint(tmp_path, tiny_model, monkeypatch):
-    """Each rank's ranged reads from the S3 stand-in (moto on loopback) are its own shard file, whole, and from
-    the other rank's file at most what DCP stored once for both (param groups, AdamW's step counts: 49 kB here,
-    about 1.5 kB a tensor whatever its size): never its shards."""
+@pytest.fixture
+def s3_endpoint(monkeypatch):
+    """`host:port` of an S3 stand-in (moto on loopback) with the bucket BUCKET, for the test's length."""
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -267,9 +266,16 @@ def test_a_rank_resumes_from_its_own_slices_of_an_object_store_checkpoint(tmp_pa
                            "AWS_DEFAULT_REGION": "us-east-1"}.items():
             monkeypatch.setenv(key, value)
         boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket=BUCKET)
-        spawn(checkpoint_rank, tiny_model, str(tmp_path), f"{host}:{port}")
+        yield f"{host}:{port}"
     finally:
         server.stop()
+
+
+def test_a_rank_resumes_from_its_own_slices_of_an_object_store_checkpoint(tmp_path, tiny_model, s3_endpoint):
+    """Each rank's ranged reads from the S3 stand-in (moto on loopback) are its own shard file, whole, and from
+    the other rank's file at most what DCP stored once for both (param groups, AdamW's step counts: 49 kB here,
+    about 1.5 kB a tensor whatever its size): never its shards."""
+    spawn(checkpoint_rank, tiny_model, str(tmp_path), s3_endpoint)
     checkpoint = tmp_path / "checkpoint"
     assert sorted(f for f in os.listdir(checkpoint) if f.endswith(".distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     # What DCP stored once for all ranks: param groups (no offset) and AdamW's step counts (0-d tensors).
@@ -317,27 +323,14 @@ def load_from_store_rank(rank: int, world: int, port: int, model_dir: str, uri: 
     dist.destroy_process_group()
 
 
-def test_a_rank_loads_its_own_slices_of_a_policy_on_an_object_store(saved, tmp_path, monkeypatch):
+def test_a_rank_loads_its_own_slices_of_a_policy_on_an_object_store(saved, tmp_path, s3_endpoint):
     """The bf16 policy saved above (several safetensors files), copied to the S3 stand-in and loaded by 2 ranks in
     place: every shard equals the local load's (upcast to fp32 alike), and each rank fetches about half of every
     file's bytes, never the whole file."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
     model_dir = os.path.join(saved["bf16"], "model")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                           "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            monkeypatch.setenv(key, value)
-        boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket=BUCKET)
-        s3 = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http")
-        pafs.copy_files(model_dir, f"{BUCKET}/policy", destination_filesystem=s3)
-        spawn(load_from_store_rank, model_dir, f"s3://{BUCKET}/policy", str(tmp_path), f"http://{host}:{port}")
-    finally:
-        server.stop()
+    s3 = pafs.S3FileSystem(endpoint_override=s3_endpoint, scheme="http")
+    pafs.copy_files(model_dir, f"{BUCKET}/policy", destination_filesystem=s3)
+    spawn(load_from_store_rank, model_dir, f"s3://{BUCKET}/policy", str(tmp_path), f"http://{s3_endpoint}")
     files = {f: os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir) if f.endswith(".safetensors")}
     assert len(files) > 2
     reads = [json.load(open(tmp_path / f"bytes_read_rank{rank}.json")) for rank in range(2)]
