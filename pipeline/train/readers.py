@@ -83,11 +83,18 @@ class SafetensorsObjectStoreReader(HuggingFaceStorageReader):
         self.uri = uri
         self.source, self.path = storage.resolve(uri)
         self.bytes_read: dict[str, int] = {}
+        self._metadata: Metadata | None = None  # the headers, read once: the trainer asks for them before dcp.load
 
     def _count(self, name: str, nbytes: int) -> None:
         self.bytes_read[name] = self.bytes_read.get(name, 0) + nbytes
 
     def read_metadata(self) -> Metadata:
+        if self._metadata is None:
+            self._metadata = self._read_headers()
+        self._metadata.storage_meta.load_id = self.load_id
+        return self._metadata
+
+    def _read_headers(self) -> Metadata:
         state_dict_metadata, storage_data = {}, {}
         files = [uri for uri, _ in storage.list_files(self.uri, recursive=False) if uri.endswith(".safetensors")]
         for uri in files:
@@ -106,13 +113,10 @@ class SafetensorsObjectStoreReader(HuggingFaceStorageReader):
                 state_dict_metadata[key] = TensorStorageMetadata(
                     properties=TensorProperties(dtype=dtype), size=shape,
                     chunks=[ChunkStorageMetadata(offsets=torch.Size([0] * len(shape)), sizes=shape)])
-                begin, end = info["data_offsets"]
+                begin = info["data_offsets"][0]
                 storage_data[MetadataIndex(fqn=key, offset=[0] * len(shape))] = (name, 8 + header_bytes + begin,
                                                                                  dtype, shape)
-        metadata = Metadata(state_dict_metadata=state_dict_metadata, storage_data=storage_data,
-                            storage_meta=StorageMeta())
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
+        return Metadata(state_dict_metadata=state_dict_metadata, storage_data=storage_data, storage_meta=StorageMeta())
 
     def read_data(self, plan, planner) -> torch.futures.Future:
         per_file: dict[str, list] = {}
